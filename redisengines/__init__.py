@@ -1,0 +1,83 @@
+"""redisengines: long-lived Python engines driven through futures, with Redis as the control plane.
+
+    import redisengines
+
+    with redisengines.Cluster(n=2) as cluster:
+        client = cluster.client()
+        client.execute("a = 10")
+        client.pull("a", targets=0)        # 10
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from concurrent.futures import CancelledError
+
+from .cluster import Cluster
+from .config import Settings
+from .coordinator import Client, Result
+from .errors import (
+    ClusterStateLostError,
+    CompositeError,
+    ConnectionLostError,
+    DeserializationError,
+    EngineDiedError,
+    EngineShutdownError,
+    InvalidTargetError,
+    ObjectLostError,
+    ObjectTooBigError,
+    ProtocolError,
+    QueueFullError,
+    RedisEnginesError,
+    RemoteError,
+    SerializationError,
+    ServerStartError,
+    TimeLimitExceeded,
+)
+from .futures import PendingResult
+
+
+def connect(url: str | None = None, cluster: str | None = None, **settings: object) -> Client:
+    """A client of an existing cluster.
+
+    Args:
+        url: the server's URL (``redis://host:port/db``, ``rediss://…``, ``unix://…``);
+            default ``REDISENGINES_REDIS_URL``.
+        cluster: the cluster name (keys live under ``re:<cluster>:``); default
+            ``REDISENGINES_CLUSTER`` or ``"default"``.
+        **settings: any other :class:`Settings` field, overriding the environment.
+    """
+    s = Settings.from_env(redis_url=url, cluster=cluster, **settings)
+    if not s.redis_url:
+        raise ValueError("no server URL: pass url=... or set REDISENGINES_REDIS_URL "
+                         "(or use redisengines.Cluster() to start a local one)")
+    return Client(s.redis_url, cluster=s.cluster, settings=s)
+
+
+__all__ = [
+    "CancelledError",
+    "Client",
+    "Cluster",
+    "ClusterStateLostError",
+    "CompositeError",
+    "ConnectionLostError",
+    "DeserializationError",
+    "EngineDiedError",
+    "EngineShutdownError",
+    "InvalidTargetError",
+    "ObjectLostError",
+    "ObjectTooBigError",
+    "PendingResult",
+    "ProtocolError",
+    "QueueFullError",
+    "RedisEnginesError",
+    "RemoteError",
+    "Result",
+    "SerializationError",
+    "ServerStartError",
+    "Settings",
+    "TimeLimitExceeded",
+    "__version__",
+    "connect",
+]

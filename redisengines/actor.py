@@ -1,0 +1,361 @@
+"""The engine: a long-lived process that runs the commands of its own Redis stream, in order.
+
+Two threads, two connections:
+
+* the main thread reads ``P:{e<id>}:inbox`` through the consumer group ``engine``, one
+  entry at a time, runs it (user code runs here, so signals reach it), and completes it
+  with ``complete.lua`` — result, notice, history and XACK in one atomic step — pipelined
+  with the next blocking read, so an idle engine costs one round trip per command;
+* the control thread renews the heartbeat lease, publishes the engine's state, keeps the
+  namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``) even while the main
+  thread is busy.
+
+An engine whose lease expired is presumed dead by everyone else: ``complete.lua`` and
+``heartbeat.lua`` refuse it (fencing) and it exits with :data:`EXIT_FENCED`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from . import __version__
+from .commands import Namespace, describe
+from .config import Settings
+from .connection import BLOCK_SECONDS, connect
+from .errors import ProtocolError, error_record, pickle_exception
+from .keys import ENGINE_GROUP, Keys
+from .launcher import set_parent_death_signal
+from .protocol import Command, identify
+from .registry import retire
+from .scripts import Scripts
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+EXIT_FENCED = 3
+EXIT_PARENT_GONE = 4
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_STDOUT_MAX = 1 << 20
+# Notices up to this size carry the whole result; larger ones make the client fetch it.
+_NOTICE_INLINE_MAX = 64 * 1024
+
+
+class _Shutdown(BaseException):
+    """Raised in the main thread by SIGTERM while it waits for work."""
+
+
+class Engine:
+    """One engine process. ``run()`` registers it and serves until killed or stopped."""
+
+    def __init__(self, settings: Settings, *, parent_pid: int | None = None,
+                 handle_signals: bool = True) -> None:
+        if not settings.redis_url:
+            raise ValueError("an engine needs a Redis URL (REDISENGINES_REDIS_URL or --url)")
+        self.settings = settings
+        self.keys = Keys(settings.cluster)
+        self.parent_pid = parent_pid
+        self.handle_signals = handle_signals
+        self.r = connect(settings.redis_url, pool_size=4)
+        self.scripts = Scripts(self.r)
+        self.store = ObjectStore(self.r, self.keys, settings, self.scripts)
+        self.id = -1
+        self.seq = 0
+        self.started_at = time.time()
+        self._stopping = threading.Event()
+        self._executing = False
+        self._current: tuple[str, str, float] | None = None
+        self._exit_code = 0
+
+    # --------------------------------------------------------------------- lifecycle
+    def register(self) -> int:
+        info = self._info()
+        self.id = int(self.scripts.register(
+            keys=[self.keys.next_id, self.keys.engines, self.keys.events],
+            args=[self.keys.prefix, self._ttl_ms(), json.dumps(info)]))
+        self.namespace = Namespace(self.id, self.store)
+        log.info("engine %d registered in cluster %r (pid %d)", self.id, self.settings.cluster,
+                 os.getpid())
+        return self.id
+
+    def run(self) -> int:
+        """Register, serve until stopped, unregister; returns the process exit code."""
+        if self.id < 0:
+            self.register()
+        if self.handle_signals:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            signal.signal(signal.SIGINT, self._on_sigint)
+        control = threading.Thread(target=self._control_loop, name="re-control", daemon=True)
+        control.start()
+        try:
+            self._serve()
+        except _Shutdown:
+            pass
+        if self._exit_code == 0:
+            self._retire("shutdown")
+        return self._exit_code
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stopping.set()
+        if not self._executing:
+            raise _Shutdown()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._executing:
+            raise KeyboardInterrupt()
+
+    def _fenced(self, where: str) -> None:
+        log.error("engine %d: lease expired (%s); presumed dead by the cluster, exiting",
+                  self.id, where)
+        self._exit_code = EXIT_FENCED
+        self._stopping.set()
+
+    def _retire(self, mode: str) -> int:
+        r = connect(self.settings.redis_url)  # the main connection may be mid-read
+        try:
+            return retire(r, self.keys, self.id, mode, self.settings)
+        except redis.RedisError as exc:
+            log.error("engine %d: could not unregister: %s", self.id, exc)
+            return 0
+        finally:
+            r.close()
+
+    # --------------------------------------------------------------------- main loop
+    def _serve(self) -> None:
+        inbox = self.keys.inbox(self.id)
+        consumer = f"e{self.id}"
+        block_ms = int(BLOCK_SECONDS * 1000)
+        complete: list[Any] | None = None
+        cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
+        while not self._stopping.is_set():
+            pipe = self.r.pipeline(transaction=False)
+            if complete is not None:
+                pipe.evalsha(self.scripts.complete.sha, 5, *complete)
+            pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor}, count=1,
+                            block=None if cursor == "0" else block_ms)
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except redis.ConnectionError as exc:
+                log.error("engine %d: Redis unreachable after retries: %s", self.id, exc)
+                time.sleep(1.0)
+                cursor = "0"
+                continue
+            if complete is not None:
+                done = replies[0]
+                if isinstance(done, NoScriptError):
+                    self.scripts.complete.sha = self.r.script_load(self.scripts.complete.script)
+                    cursor = "0"  # what the read delivered is re-read from our PEL
+                    continue
+                if isinstance(done, Exception):
+                    raise done
+                if done == -1:
+                    self._fenced("complete")
+                    return
+                complete = None
+            read = replies[-1]
+            if isinstance(read, ResponseError):
+                if "NOGROUP" in str(read):
+                    self._fenced("inbox removed")
+                    return
+                raise read
+            entries = read[0][1] if read else []
+            if not entries:
+                cursor = ">"
+                continue
+            entry_id, fields = entries[0]
+            if fields is None:  # deleted while pending (clear_queue cannot do this; be safe)
+                self.r.xack(inbox, ENGINE_GROUP, entry_id)
+                continue
+            complete = self._run(entry_id.decode(), fields)
+
+    def _run(self, entry_id: str, fields: dict[bytes, bytes]) -> list[Any]:
+        """Run one entry; returns the arguments of ``complete.lua``."""
+        self.seq += 1
+        started = time.time()
+        try:
+            cmd = Command.decode(entry_id, fields)
+        except (ProtocolError, ValueError) as exc:
+            cmd_id, client = identify(fields)
+            log.warning("engine %d: skipping bad stream entry %s: %s", self.id, entry_id, exc)
+            record = error_record(ProtocolError(str(exc)), engine_id=self.id, op="invalid",
+                                  cmd_id=cmd_id)
+            result = {"status": "error", "error": json.dumps(record)}
+            return self._complete_args(entry_id, cmd_id or f"invalid-{entry_id}", client,
+                                       "invalid", result, started)
+        self._current = (cmd.id, cmd.op, started)
+        out, err = io.StringIO(), io.StringIO()
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        self._executing = True
+        try:
+            value = self.namespace.run(cmd)
+            result = {"status": "ok", **self.store.encode(value, what=f"result of {cmd.op}")}
+        except BaseException as exc:  # noqa: B036 - user code may raise anything
+            if isinstance(exc, _Shutdown):
+                raise
+            result = self._error_fields(exc, cmd)
+        finally:
+            self._executing = False
+            sys.stdout, sys.stderr = saved
+            self._current = None
+        result["stdout"] = _cap(out.getvalue())
+        result["stderr"] = _cap(err.getvalue())
+        if cmd.op == "execute":
+            result["code"] = cmd.fields.get(b"code", b"")
+        return self._complete_args(entry_id, cmd.id, cmd.client, cmd.op, result, started)
+
+    def _error_fields(self, exc: BaseException, cmd: Command) -> dict[str, Any]:
+        tb = exc.__traceback__
+        skip = 0  # drop the engine's own frames above the user's
+        while tb is not None and tb.tb_next is not None and \
+                tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            tb, skip = tb.tb_next, skip + 1
+        record = error_record(exc, engine_id=self.id, op=cmd.op, cmd_id=cmd.id, skip_frames=skip)
+        fields: dict[str, Any] = {"status": "error", "error": json.dumps(record)}
+        pickled = pickle_exception(exc)
+        if pickled is not None:
+            fields["exc"] = pickled
+        return fields
+
+    def _complete_args(self, entry_id: str, cmd_id: str, client: str | None, op: str,
+                       result: dict[str, Any], started: float) -> list[Any]:
+        result.update(engine=self.id, op=op, started=started, finished=time.time())
+        flat: list[Any] = []
+        size = 0
+        for k, v in result.items():
+            flat += [k, v]
+            size += len(v) if isinstance(v, (bytes, str)) else 8
+        notify = 0 if client is None else (1 if size <= _NOTICE_INLINE_MAX else 2)
+        keys = self.keys
+        return [keys.inbox(self.id), keys.heartbeat(self.id), keys.done(self.id),
+                keys.result(cmd_id), keys.replies(client or "-"),
+                entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
+                notify, op, result["status"], *flat]
+
+    # ------------------------------------------------------------------ control thread
+    def _control_loop(self) -> None:
+        r = connect(self.settings.redis_url)
+        scripts = Scripts(r)
+        ctl = self.keys.ctl(self.id)
+        last = "0-0"
+        interval = self.settings.heartbeat_interval
+        next_beat = 0.0
+        ns_snapshot: dict[str, tuple[int, type]] = {}
+        while not self._stopping.is_set():
+            try:
+                now = time.monotonic()
+                if now >= next_beat:
+                    if not self._heartbeat(scripts):
+                        self._fenced("heartbeat")
+                        os._exit(EXIT_FENCED)  # its commands were failed by whoever reaped it
+                    ns_snapshot = self._publish_namespace(r, ns_snapshot)
+                    next_beat = now + interval
+                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                        log.error("engine %d: parent process is gone, exiting", self.id)
+                        self._retire("shutdown")
+                        os._exit(EXIT_PARENT_GONE)
+                wait_ms = max(1, int((next_beat - time.monotonic()) * 1000))
+                resp = r.xread({ctl: last}, count=16, block=wait_ms)
+                for _stream, entries in resp or []:
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        self._control(r, fields)
+            except redis.ConnectionError as exc:
+                log.warning("engine %d: control connection: %s", self.id, exc)
+                time.sleep(interval)
+            except Exception:
+                log.exception("engine %d: unexpected error in the control thread", self.id)
+                time.sleep(interval)
+
+    def _heartbeat(self, scripts: Scripts) -> bool:
+        return bool(scripts.heartbeat(
+            keys=[self.keys.heartbeat(self.id), self.keys.engines],
+            args=[self.id, self._ttl_ms(), json.dumps(self._info())]))
+
+    def _publish_namespace(self, r: redis.Redis,
+                           before: dict[str, tuple[int, type]]) -> dict[str, tuple[int, type]]:
+        user = dict(self.namespace.user)
+        now = {k: (id(v), type(v)) for k, v in user.items()
+               if not (k.startswith("__") and k.endswith("__"))}
+        if now != before:
+            key = self.keys.namespace(self.id)
+            pipe = r.pipeline(transaction=True)
+            pipe.delete(key)
+            if now:
+                pipe.hset(key, mapping={k: json.dumps(describe(user[k])) for k in now})
+            pipe.execute()
+        return now
+
+    def _control(self, r: redis.Redis, fields: dict[bytes, bytes]) -> None:
+        op = fields.get(b"op", b"").decode("utf-8", "replace")
+        if op != "kill":
+            log.warning("engine %d: ignoring unknown control entry %r", self.id, op)
+            return
+        failed = self._retire("kill")  # also answers the kill command itself
+        log.info("engine %d: killed (%d commands failed)", self.id, failed)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    # ------------------------------------------------------------------------ helpers
+    def _info(self) -> dict[str, Any]:
+        current = self._current
+        info: dict[str, Any] = {
+            "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": round(self.started_at, 3), "version": __version__,
+            "python": sys.version.split()[0], "state": "busy" if current else "idle",
+            "completed": self.seq,
+        }
+        if current:
+            info.update(running=current[0], op=current[1], since=round(current[2], 3))
+        return info
+
+    def _ttl_ms(self) -> int:
+        return int(self.settings.heartbeat_ttl * 1000)
+
+    def _result_ttl_ms(self) -> int:
+        return int(self.settings.result_ttl * 1000)
+
+
+def _cap(text: str) -> str:
+    if len(text) <= _STDOUT_MAX:
+        return text
+    return text[:_STDOUT_MAX] + f"\n[... {len(text) - _STDOUT_MAX} more characters dropped]\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m redisengines.actor --url URL --cluster NAME``: run one engine."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="redisengines engine", description=main.__doc__)
+    parser.add_argument("--url", help="Redis URL (default: REDISENGINES_REDIS_URL)")
+    parser.add_argument("--cluster", help="cluster name (default: REDISENGINES_CLUSTER)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
+    settings = Settings.from_env(redis_url=args.url, cluster=args.cluster)
+    if args.parent_pid is not None:
+        set_parent_death_signal()
+        if os.getppid() != args.parent_pid:
+            return EXIT_PARENT_GONE
+    return Engine(settings, parent_pid=args.parent_pid).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What each command does to an engine's namespace.
+
+The namespace is a plain dict, the globals of everything ``execute`` runs. Functions sent
+with ``apply`` that were defined interactively (in ``__main__``) run with the namespace
+as their globals, so they see what ``execute`` and ``push`` put there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import pickle
+import sys
+import types
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .errors import DeserializationError
+from .protocol import Command
+from .serialization import to_pickle
+from .store import ObjectStore
+
+# Source of recent `execute` commands stays in linecache so tracebacks show the lines.
+_SOURCES_KEPT = 200
+
+
+class Namespace:
+    """An engine's user namespace and the operations on it."""
+
+    def __init__(self, engine_id: int, store: ObjectStore) -> None:
+        self.engine_id = engine_id
+        self.store = store
+        self.user: dict[str, Any] = {}
+        self._sources: deque[str] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.user.clear()
+        self.user.update({"__name__": "__main__", "__builtins__": builtins})
+
+    def names(self) -> list[str]:
+        return sorted(k for k in self.user if not (k.startswith("__") and k.endswith("__")))
+
+    def get(self, name: str) -> Any:
+        try:
+            return self.user[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    # ------------------------------------------------------------------------- ops
+    def run(self, cmd: Command) -> Any:
+        handler: Callable[[Namespace, Command], Any] = HANDLERS[cmd.op]
+        return handler(self, cmd)
+
+    def execute(self, cmd: Command) -> None:
+        code = cmd.text("code")
+        filename = f"<execute {cmd.id}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self._sources.append(filename)
+        if len(self._sources) > _SOURCES_KEPT:
+            linecache.cache.pop(self._sources.popleft(), None)
+        compiled = compile(code, filename, "exec")
+        exec(compiled, self.user)
+
+    def apply(self, cmd: Command) -> Any:
+        f, args, kwargs = self.store.decode(cmd.fields, what="applied function", release=True)
+        if isinstance(f, types.FunctionType) and f.__module__ == "__main__":
+            f = self._rebind(f)
+        return f(*args, **kwargs)
+
+    def _rebind(self, f: types.FunctionType) -> types.FunctionType:
+        """``f`` with the namespace as globals; what cloudpickle captured fills the gaps."""
+        for name, value in f.__globals__.items():
+            if name not in ("__builtins__", "__name__"):
+                self.user.setdefault(name, value)
+        g = types.FunctionType(f.__code__, self.user, f.__name__, f.__defaults__, f.__closure__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        g.__qualname__ = f.__qualname__
+        g.__dict__.update(f.__dict__)
+        return g
+
+    def push(self, cmd: Command) -> None:
+        values = self.store.decode(cmd.fields, what="pushed namespace", release=True)
+        self.user.update(values)
+
+    def push_serialized(self, cmd: Command) -> None:
+        blobs: dict[str, bytes] = self.store.decode(cmd.fields, what="pushed bytes", release=True)
+        values = {}
+        for name, blob in blobs.items():
+            try:
+                values[name] = pickle.loads(blob)
+            except Exception as exc:
+                raise DeserializationError(
+                    f"cannot unpickle the bytes pushed as {name!r} on engine {self.engine_id}: "
+                    f"{type(exc).__name__}: {exc}") from exc
+        self.user.update(values)
+
+    def pull(self, cmd: Command) -> Any:
+        names = cmd.names() or []
+        values = [self.get(n) for n in names]
+        return values[0] if cmd.flag("single") else values
+
+    def pull_serialized(self, cmd: Command) -> Any:
+        blobs = [to_pickle(self.get(n), what=repr(n)) for n in cmd.names() or []]
+        return blobs[0] if cmd.flag("single") else blobs
+
+    def pull_namespace(self, cmd: Command) -> dict[str, Any]:
+        names = cmd.names()
+        if names is None:
+            names = self.names()
+        return {n: self.get(n) for n in names}
+
+    def keys(self, cmd: Command) -> list[str]:
+        return self.names()
+
+    def reset_op(self, cmd: Command) -> None:
+        self.reset()
+
+
+HANDLERS: dict[str, Callable[[Namespace, Command], Any]] = {
+    "execute": Namespace.execute,
+    "apply": Namespace.apply,
+    "push": Namespace.push,
+    "push_serialized": Namespace.push_serialized,
+    "pull": Namespace.pull,
+    "pull_serialized": Namespace.pull_serialized,
+    "pull_namespace": Namespace.pull_namespace,
+    "keys": Namespace.keys,
+    "reset": Namespace.reset_op,
+}
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """Type and approximate size of a value, for the namespace index."""
+    nbytes = getattr(value, "nbytes", None)
+    if not isinstance(nbytes, int):
+        try:
+            nbytes = sys.getsizeof(value)
+        except Exception:
+            nbytes = -1
+    t = type(value)
+    return {"type": t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}",
+            "size": nbytes}

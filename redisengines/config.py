@@ -1,0 +1,85 @@
+"""Settings: one frozen dataclass, read from ``REDISENGINES_*`` environment variables.
+
+Only :meth:`Settings.from_env` reads ``os.environ``; explicit arguments win over the
+environment. Times are float seconds everywhere; sizes are bytes.
+
+======================================  ===================  ==========================
+variable                                field                default
+======================================  ===================  ==========================
+``REDISENGINES_REDIS_URL``              ``redis_url``        none (embedded server)
+``REDISENGINES_CLUSTER``                ``cluster``          ``default``
+``REDISENGINES_MAX_OBJECT_SIZE``        ``max_object_size``  1 GiB
+``REDISENGINES_PAGE_SIZE``              ``page_size``        4 MiB
+``REDISENGINES_INLINE_MAX``             ``inline_max``       256 KiB
+``REDISENGINES_HEARTBEAT_INTERVAL``     ``heartbeat_interval`` 1.0 s
+``REDISENGINES_HEARTBEAT_TTL``          ``heartbeat_ttl``    6.0 s
+``REDISENGINES_RESULT_TTL``             ``result_ttl``       86400 s
+``REDISENGINES_DONE_HISTORY``           ``done_history``     1000 commands
+``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
+======================================  ===================  ==========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "REDISENGINES_"
+_MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a client or an engine can be configured with."""
+
+    redis_url: str | None = field(default=None, repr=False)
+    cluster: str = "default"
+    max_object_size: int = 1 << 30
+    page_size: int = 4 * _MiB
+    inline_max: int = 256 * 1024
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 6.0
+    result_ttl: float = 86400.0
+    done_history: int = 1000
+    server_bin: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.cluster or any(c in self.cluster for c in "{}: \t\n"):
+            raise ValueError(f"invalid cluster name {self.cluster!r}: no braces, colons or spaces")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ValueError("heartbeat_ttl must be longer than heartbeat_interval")
+        for name in ("max_object_size", "page_size", "inline_max", "done_history"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Build settings from ``REDISENGINES_*`` variables; non-None ``overrides`` win."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default) if f.default is not None else str
+            try:
+                values[f.name] = kind(raw) if kind in (int, float) else raw
+            except ValueError:
+                raise ValueError(
+                    f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in another process."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[ENV_PREFIX + f.name.upper()] = str(value)
+        return env
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

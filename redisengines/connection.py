@@ -1,0 +1,60 @@
+"""Redis connections: one place that turns a URL into a client with retries and timeouts.
+
+Every connection retries connection-class errors with exponential backoff and jitter
+(redis-py's ``Retry``) and has a socket timeout longer than any blocking read issued on
+it (``BLOCK_SECONDS``), so that a half-open socket is noticed instead of hanging.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from .errors import ConnectionLostError
+
+# Longest block of any XREAD/XREADGROUP we issue; socket timeouts stay above it.
+BLOCK_SECONDS = 2.0
+SOCKET_TIMEOUT = BLOCK_SECONDS + 8.0
+RETRIES = 8  # about 10 s of backoff in all before giving up
+
+
+def connect(url: str, *, name: str | None = None, pool_size: int | None = None) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``) with retry and timeouts."""
+    kwargs = dict(
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=5.0,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        health_check_interval=0,
+        client_name=name,
+    )
+    if not url.startswith("unix://"):
+        kwargs["socket_keepalive"] = True
+        kwargs["socket_keepalive_options"] = _keepalive_options()
+    if pool_size is not None:
+        kwargs["max_connections"] = pool_size
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def _keepalive_options() -> dict[int, int]:
+    opts = {}
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            opts[getattr(socket, name)] = value
+    return opts
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn redis-py connection errors into :class:`ConnectionLostError` (the one boundary)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        raise ConnectionLostError(f"{what}: lost the connection to Redis: {exc}") from exc

@@ -1,0 +1,535 @@
+"""The client: targets, commands multiplexed over engines, scatter/gather, barrier.
+
+Commands go to each target's inbox stream (pipelined: one round trip for any number of
+targets); results come back through the client's reply stream to :class:`PendingResult`
+futures. ``queue_status``, ``clear_queue`` and ``get_result`` are answered from Redis
+directly, so they work while an engine is busy; ``kill`` goes out of band through the
+engine's control stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from . import registry
+from .config import Settings
+from .connection import connect as redis_connect
+from .connection import translate_errors
+from .errors import (
+    CompositeError,
+    DeserializationError,
+    InvalidTargetError,
+    ObjectLostError,
+    SerializationError,
+    error_from_record,
+)
+from .futures import Finalize, PendingResult, ReplyListener, completed, decode_error
+from .keys import ENGINE_GROUP, Keys
+from .protocol import entry
+from .scripts import Scripts
+from .serialization import check_size, serialize
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+Targets = int | Sequence[int] | Literal["all"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """The record of one completed command, as ``get_result`` returns it."""
+
+    engine_id: int
+    id: str
+    op: str
+    code: str | None
+    value: Any
+    error: BaseException | None
+    stdout: str
+    stderr: str
+    started: float | None
+    finished: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
+
+
+class Client:
+    """Drives the engines of one cluster. Use :func:`redisengines.connect` to make one.
+
+    Every command method takes ``targets`` (an engine id, a list of ids, or ``"all"``),
+    ``block`` and ``timeout`` (seconds, None = no limit). An int target gives that engine's
+    plain value; a list or ``"all"`` gives ``{engine_id: value}``. ``block=False`` returns a
+    :class:`PendingResult` instead of waiting.
+    """
+
+    def __init__(self, url: str, *, cluster: str = "default", settings: Settings | None = None,
+                 transport_url: str | None = None) -> None:
+        self.settings = (settings or Settings.from_env()).replace(redis_url=url, cluster=cluster)
+        self.url = url
+        self.transport_url = transport_url or url
+        self.cluster = cluster
+        self.schema = Keys(cluster)
+        self.client_id = uuid.uuid4().hex[:16]
+        self.r = redis_connect(self.transport_url, name=f"re:{cluster}:client")
+        self.scripts = Scripts(self.r)
+        self.store = ObjectStore(self.r, self.schema, self.settings, self.scripts)
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._known: set[int] = set()
+        self._closed = False
+        with translate_errors("connect"):
+            self.r.ping()
+        self._listener = ReplyListener(self)
+        self._listener.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Stop the reply listener and drop the reply stream. Engines keep running."""
+        if self._closed:
+            return
+        self._closed = True
+        self._listener.close()
+        try:
+            self.r.delete(self.schema.replies(self.client_id))
+        except redis.RedisError:
+            pass
+        self.r.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client cluster={self.cluster!r} url={self.url!r}>"
+
+    @property
+    def max_object_size(self) -> int:
+        """Largest serialized object, in bytes, that push accepts and pull returns."""
+        return self.settings.max_object_size
+
+    # -------------------------------------------------------------------- targets
+    @property
+    def ids(self) -> list[int]:
+        """Ids of the live engines, sorted."""
+        return self.get_ids()
+
+    def get_ids(self) -> list[int]:
+        with translate_errors("ids"):
+            live = registry.live_ids(self.r, self.schema, self.settings, self.scripts)
+        with self._lock:
+            self._known = set(live)
+        return live
+
+    def verify_targets(self, targets: Targets) -> list[int]:
+        """The ids ``targets`` names; raises :class:`InvalidTargetError` for any that is not live."""
+        return self._targets(targets)[0]
+
+    def _targets(self, targets: Targets) -> tuple[list[int], bool]:
+        if isinstance(targets, str):
+            if targets != "all":
+                raise InvalidTargetError(f"targets must be an int, a list of ints or 'all', "
+                                         f"not {targets!r}")
+            ids = self.get_ids()
+            if not ids:
+                raise InvalidTargetError(f"no live engines in cluster {self.cluster!r}")
+            return ids, False
+        single = isinstance(targets, int) and not isinstance(targets, bool)
+        wanted = [targets] if single else list(targets)  # type: ignore[list-item]
+        if not single and not wanted:
+            raise InvalidTargetError("empty list of targets")
+        for t in wanted:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise InvalidTargetError(f"invalid target {t!r}: engine ids are ints")
+        if len(set(wanted)) != len(wanted):
+            raise InvalidTargetError(f"duplicate targets in {wanted}")
+        with self._lock:
+            unknown = set(wanted) - self._known
+        if unknown:
+            live = set(self.get_ids())
+            missing = sorted(set(wanted) - live)
+            if missing:
+                raise InvalidTargetError(
+                    f"no live engine with id {', '.join(map(str, missing))} in cluster "
+                    f"{self.cluster!r} (live: {sorted(live)})")
+        return wanted, single
+
+    def _engine_gone(self, engine_id: int) -> None:
+        with self._lock:
+            self._known.discard(engine_id)
+
+    # ------------------------------------------------------------------- sending
+    def _new_id(self) -> str:
+        return f"{self.client_id}-{next(self._seq)}"
+
+    def _submit(self, op: str, targets: Targets, fields: dict[str, Any] | None = None, *,
+                per_target: dict[int, dict[str, Any]] | None = None,
+                finalize: Finalize | None = None, block: bool = True,
+                timeout: float | None = None, ids: tuple[list[int], bool] | None = None) -> Any:
+        """Send one command to each target and return its result (or PendingResult)."""
+        if self._closed:
+            raise RuntimeError("this client is closed")
+        eids, single = ids or self._targets(targets)
+        cmd_ids = {eid: self._new_id() for eid in eids}
+        pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
+        for eid, cmd_id in cmd_ids.items():
+            self._listener.expect(cmd_id, pending, eid)
+        pipe = self.r.pipeline(transaction=False)
+        for eid, cmd_id in cmd_ids.items():
+            extra = per_target[eid] if per_target is not None else (fields or {})
+            pipe.xadd(self.schema.inbox(eid), entry(op, cmd_id, self.client_id, **extra))
+        try:
+            with translate_errors(op):
+                pipe.execute()
+        except BaseException:
+            self._listener.forget(list(cmd_ids.values()))
+            raise
+        return self._finish(pending, block, timeout)
+
+    @staticmethod
+    def _finish(pending: PendingResult, block: bool, timeout: float | None) -> Any:
+        return pending.result(timeout) if block else pending
+
+    def _outcome(self, fields: dict[bytes, bytes], engine_id: int) -> tuple[bool, Any]:
+        """``(ok, value or exception)`` for a result's fields (runs on the listener thread)."""
+        if fields.get(b"status") != b"ok":
+            return False, decode_error(fields)
+        op = fields.get(b"op", b"").decode()
+        try:
+            return True, self.store.decode(fields, what=f"result of {op} from engine {engine_id}",
+                                           release=True)
+        except (DeserializationError, ObjectLostError) as exc:
+            exc.engine_id = engine_id  # type: ignore[attr-defined]
+            return False, exc
+
+    def _payload(self, obj: Any, n: int, what: str) -> dict[str, Any]:
+        """Message fields carrying ``obj`` to ``n`` engines, written to Redis once."""
+        ser = serialize(obj, what=what)
+        check_size(ser, self.settings.max_object_size, what=what)
+        fields = self.store.fields_for(ser, refs=n)
+        fields["size"] = ser.nbytes
+        return fields
+
+    # ---------------------------------------------------------- the multiengine API
+    def execute(self, code: str, targets: Targets = "all", block: bool = True,
+                timeout: float | None = None) -> Any:
+        """Run ``code`` in each target's namespace; ``None`` per engine."""
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, not {type(code).__name__}")
+        return self._submit("execute", targets, {"code": code}, block=block, timeout=timeout)
+
+    def apply(self, f: Callable[..., Any], /, *args: Any, targets: Targets = "all",
+              block: bool = True, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``f(*args, **kwargs)`` on each target and return what it returns.
+
+        A function defined interactively (in ``__main__``) runs with the engine's namespace
+        as its globals, so it sees the names ``push`` and ``execute`` put there.
+        """
+        if not callable(f):
+            raise TypeError(f"apply needs a callable, not {type(f).__name__}")
+        ids = self._targets(targets)
+        name = getattr(f, "__qualname__", type(f).__name__)
+        fields = self._payload((f, args, kwargs), len(ids[0]), f"call of {name}")
+        fields["fn"] = name
+        return self._submit("apply", targets, fields, block=block, timeout=timeout, ids=ids)
+
+    def push(self, namespace: dict[str, Any], targets: Targets = "all", block: bool = True,
+             timeout: float | None = None) -> Any:
+        """Set names in each target's namespace; the values are serialized and sent once."""
+        names = _check_names(namespace)
+        ids = self._targets(targets)
+        try:
+            fields = self._payload(dict(namespace), len(ids[0]), "pushed namespace")
+        except SerializationError:
+            for name, value in namespace.items():  # name the culprit
+                serialize(value, what=repr(name))
+            raise
+        return self._submit("push", targets, {"names": names, **fields}, block=block,
+                            timeout=timeout, ids=ids)
+
+    def pull(self, names: str | Sequence[str], targets: Targets = "all", block: bool = True,
+             timeout: float | None = None) -> Any:
+        """Values of ``names`` (a name gives its value, a list gives a list)."""
+        single, listed = _names(names)
+        return self._submit("pull", targets, {"names": listed, "single": single},
+                            block=block, timeout=timeout)
+
+    def pull_namespace(self, targets: Targets = "all", names: Sequence[str] | None = None,
+                       block: bool = True, timeout: float | None = None) -> Any:
+        """A dict of each target's namespace (or of just ``names``)."""
+        listed = None if names is None else _names(names)[1]
+        return self._submit("pull_namespace", targets, {"names": listed}, block=block,
+                            timeout=timeout)
+
+    def keys(self, targets: Targets = "all", block: bool = True,
+             timeout: float | None = None) -> Any:
+        """The sorted names defined in each target's namespace."""
+        return self._submit("keys", targets, block=block, timeout=timeout)
+
+    def reset(self, targets: Targets = "all", block: bool = True,
+              timeout: float | None = None) -> Any:
+        """Clear each target's namespace."""
+        return self._submit("reset", targets, block=block, timeout=timeout)
+
+    def push_serialized(self, namespace: dict[str, bytes], targets: Targets = "all",
+                        block: bool = True, timeout: float | None = None) -> Any:
+        """Set names from pickle bytes; each engine unpickles them."""
+        names = _check_names(namespace)
+        for name, blob in namespace.items():
+            if not isinstance(blob, (bytes, bytearray, memoryview)):
+                raise TypeError(f"push_serialized needs bytes for {name!r}, "
+                                f"not {type(blob).__name__}")
+        ids = self._targets(targets)
+        blobs = {k: bytes(v) for k, v in namespace.items()}
+        fields = self._payload(blobs, len(ids[0]), "pushed bytes")
+        return self._submit("push_serialized", targets, {"names": names, **fields},
+                            block=block, timeout=timeout, ids=ids)
+
+    def pull_serialized(self, names: str | Sequence[str], targets: Targets = "all",
+                        block: bool = True, timeout: float | None = None) -> Any:
+        """Pickle bytes of ``names`` that ``pickle.loads`` reads."""
+        single, listed = _names(names)
+        return self._submit("pull_serialized", targets, {"names": listed, "single": single},
+                            block=block, timeout=timeout)
+
+    def scatter(self, name: str, seq: Any, targets: Targets = "all", block: bool = True,
+                timeout: float | None = None) -> Any:
+        """Split ``seq`` into contiguous parts, one per target in order, stored as ``name``."""
+        _check_names({name: None})
+        eids, single = self._targets(targets)
+        try:
+            length = len(seq)
+        except TypeError:
+            raise TypeError(f"scatter needs a sequence, not {type(seq).__name__}") from None
+        per_target = {}
+        for eid, (lo, hi) in zip(eids, partition(length, len(eids)), strict=True):
+            per_target[eid] = {"names": [name],
+                               **self._payload({name: seq[lo:hi]}, 1, f"part of {name!r}")}
+        return self._submit("push", targets, per_target=per_target, block=block,
+                            timeout=timeout, ids=(eids, single))
+
+    def gather(self, name: str, targets: Targets = "all", block: bool = True,
+               timeout: float | None = None) -> Any:
+        """Each target's ``name``, joined in target order (lists, tuples, arrays, strings)."""
+        eids, _ = self._targets(targets)
+        return self._submit("pull", targets, {"names": [name], "single": True},
+                            finalize=concatenate, block=block, timeout=timeout,
+                            ids=(eids, False))
+
+    def kill(self, targets: Targets = "all", block: bool = True,
+             timeout: float | None = None) -> Any:
+        """Stop engines at once (even busy ones); what they held fails with EngineShutdownError."""
+        eids, single = self._targets(targets)
+        cmd_ids = {eid: self._new_id() for eid in eids}
+        pending = PendingResult("kill", cmd_ids, single=single)
+        for eid, cmd_id in cmd_ids.items():
+            self._listener.expect(cmd_id, pending, eid)
+        pipe = self.r.pipeline(transaction=False)
+        for eid, cmd_id in cmd_ids.items():
+            pipe.xadd(self.schema.ctl(eid), {"op": "kill", "id": cmd_id, "client": self.client_id},
+                      maxlen=100, approximate=True)
+        with translate_errors("kill"):
+            pipe.execute()
+        for eid in eids:
+            self._engine_gone(eid)
+        return self._finish(pending, block, timeout)
+
+    # ------------------------------------------------------- answered from Redis
+    def queue_status(self, targets: Targets = "all", block: bool = True,
+                     timeout: float | None = None) -> Any:
+        """``{"queued": n, "running": n, "completed": n}`` per target, read from Redis."""
+        eids, single = self._targets(targets)
+        pipe = self.r.pipeline(transaction=False)
+        for eid in eids:
+            pipe.xlen(self.schema.inbox(eid))
+            pipe.xpending(self.schema.inbox(eid), ENGINE_GROUP)
+            pipe.xrevrange(self.schema.done(eid), count=1)
+        with translate_errors("queue_status"):
+            raw = pipe.execute(raise_on_error=False)
+        out = {}
+        for i, eid in enumerate(eids):
+            length, pend, last = raw[3 * i: 3 * i + 3]
+            length = length if isinstance(length, int) else 0
+            running = pend["pending"] if isinstance(pend, dict) else 0
+            done = int(last[0][0].split(b"-")[0]) if isinstance(last, list) and last else 0
+            out[eid] = {"queued": max(0, length - running), "running": running,
+                        "completed": done}
+        return self._answer(out, single, block)
+
+    def clear_queue(self, targets: Targets = "all", block: bool = True,
+                    timeout: float | None = None) -> Any:
+        """Drop queued, not yet started commands; their futures fail with CancelledError.
+
+        The command an engine is running is not affected. Returns how many were dropped.
+        """
+        eids, single = self._targets(targets)
+        pipe = self.r.pipeline(transaction=False)
+        ttl = int(self.settings.result_ttl * 1000)
+        for eid in eids:
+            pipe.evalsha(self.scripts.clear_queue.sha, 1, self.schema.inbox(eid), eid,
+                         self.schema.prefix, ttl)
+        with translate_errors("clear_queue"):
+            try:
+                counts = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                counts = [self.scripts.clear_queue(keys=[self.schema.inbox(eid)],
+                                                   args=[eid, self.schema.prefix, ttl])
+                          for eid in eids]
+        return self._answer(dict(zip(eids, counts, strict=True)), single, block)
+
+    def get_result(self, i: int = -1, targets: Targets = "all", block: bool = True,
+                   timeout: float | None = None) -> Any:
+        """The :class:`Result` of the i-th command run on each target (negative: from the end).
+
+        Raises a remote error that is a ``KeyError`` when there is no such record.
+        """
+        eids, single = self._targets(targets)
+        records, errors = {}, {}
+        for eid in eids:
+            try:
+                records[eid] = self._result_record(eid, i)
+            except KeyError as exc:
+                errors[eid] = exc
+        if errors:
+            exc: BaseException = (next(iter(errors.values())) if single
+                                  else CompositeError(errors, records))
+            if block:
+                raise exc
+            return completed("get_result", exc=exc)
+        return self._answer(records, single, block)
+
+    def _result_record(self, eid: int, i: int) -> Result:
+        done = self.schema.done(eid)
+        with translate_errors("get_result"):
+            if i >= 0:
+                found = self.r.xrange(done, f"{i + 1}-0", f"{i + 1}-0")
+            else:
+                found = self.r.xrevrange(done, count=-i)
+                found = found[-i - 1:] if len(found) >= -i else []
+        if not found:
+            raise _missing_result(eid, f"engine {eid} has no record of command {i}")
+        cmd_id = found[0][1][b"id"].decode()
+        fields = self.r.hgetall(self.schema.result(cmd_id))
+        if not fields:
+            raise _missing_result(eid, f"the result of command {i} ({cmd_id}) on engine {eid} "
+                                       "has expired")
+        ok, value = self._outcome(fields, eid) if fields.get(b"status") == b"ok" else \
+            (False, decode_error(fields))
+        code = fields.get(b"code")
+        return Result(
+            engine_id=eid, id=cmd_id, op=fields.get(b"op", b"").decode(),
+            code=code.decode() if code is not None else None,
+            value=value if ok else None, error=None if ok else value,
+            stdout=fields.get(b"stdout", b"").decode("utf-8", "replace"),
+            stderr=fields.get(b"stderr", b"").decode("utf-8", "replace"),
+            started=_float(fields.get(b"started")), finished=_float(fields.get(b"finished")))
+
+    @staticmethod
+    def _answer(out: dict[int, Any], single: bool, block: bool) -> Any:
+        value = next(iter(out.values())) if single else out
+        return value if block else completed("query", value)
+
+    # -------------------------------------------------------------------- waiting
+    def barrier(self, *pending: Future | Iterable[Future], timeout: float | None = None) -> None:
+        """Wait until every given pending result is done.
+
+        Raises the first error as soon as one fails (a dead engine does not make the
+        barrier wait out its timeout), and ``TimeoutError`` naming how many are unfinished.
+        """
+        futures = _flatten(pending)
+        done, not_done = futures_wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} (of {len(futures)}) pending results unfinished "
+                               f"after {timeout} s")
+
+
+# ------------------------------------------------------------------------ helpers
+def _flatten(items: Iterable[Any]) -> list[Future]:  # type: ignore[type-arg]
+    out: list[Future] = []  # type: ignore[type-arg]
+    for item in items:
+        if isinstance(item, Future):
+            out.append(item)
+        elif isinstance(item, Iterable) and not isinstance(item, (str, bytes)):
+            out.extend(_flatten(item))
+        else:
+            raise TypeError(f"barrier takes pending results, not {type(item).__name__}")
+    return out
+
+
+def _names(names: str | Sequence[str]) -> tuple[bool, list[str]]:
+    if isinstance(names, str):
+        return True, [names]
+    listed = list(names)
+    if not all(isinstance(n, str) for n in listed):
+        raise TypeError("names must be strings")
+    return False, listed
+
+
+def _check_names(namespace: dict[str, Any]) -> list[str]:
+    if not isinstance(namespace, dict):
+        raise TypeError(f"expected a dict of names, not {type(namespace).__name__}")
+    for name in namespace:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{name!r} is not a valid Python name")
+    return list(namespace)
+
+
+def _missing_result(eid: int, message: str) -> BaseException:
+    return error_from_record({"kind": "remote", "type": "KeyError", "message": message,
+                              "engine_id": eid, "op": "get_result", "traceback": ""})
+
+
+def _float(raw: bytes | None) -> float | None:
+    return float(raw) if raw else None
+
+
+def partition(length: int, n: int) -> list[tuple[int, int]]:
+    """``n`` contiguous ``(start, stop)`` ranges covering ``length`` items, sizes within one."""
+    q, r = divmod(length, n)
+    bounds, lo = [], 0
+    for k in range(n):
+        hi = lo + q + (1 if k < r else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def concatenate(parts: dict[int, Any]) -> Any:
+    """Join gathered parts in target order: lists, tuples, strings, numpy arrays."""
+    values = list(parts.values())
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    if all(isinstance(v, tuple) for v in values):
+        return tuple(x for v in values for x in v)
+    if all(isinstance(v, str) for v in values):
+        return "".join(values)
+    if all(isinstance(v, (bytes, bytearray)) for v in values):
+        return b"".join(values)
+    np = sys.modules.get("numpy")
+    if np is not None and all(isinstance(v, np.ndarray) for v in values):
+        return np.concatenate(values)
+    return values
+

@@ -1,0 +1,281 @@
+"""Pending results: real ``concurrent.futures.Future`` objects completed from Redis.
+
+One :class:`ReplyListener` thread per client blocks on the client's reply stream
+(``XREAD BLOCK``) and routes each completion notice to its :class:`PendingResult`. The
+same thread watches the leases of the engines it is waiting on: when one expires it runs
+``retire.lua``, whose failure notices arrive through the very same stream. Nothing polls
+for results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from .connection import BLOCK_SECONDS, connect
+from .errors import (
+    CompositeError,
+    ConnectionLostError,
+    DeserializationError,
+    RedisEnginesError,
+    error_from_record,
+)
+from .registry import retire
+
+if TYPE_CHECKING:
+    from .coordinator import Client
+
+log = logging.getLogger(__name__)
+
+Finalize = Callable[[dict[int, Any]], Any]
+
+
+class PendingResult(Future):  # type: ignore[type-arg]
+    """The future result of one command on one or more engines.
+
+    For an int target it resolves to that engine's value (or raises its error); for a list
+    of targets or ``"all"``, to ``{engine_id: value}`` (or raises :class:`CompositeError`
+    holding each engine's error and the values of those that succeeded). It works with
+    ``concurrent.futures.wait``/``as_completed``, ``add_done_callback`` and ``await``.
+
+    Attributes:
+        op: the command (``execute``, ``pull``…).
+        cmd_ids: ``{engine_id: command id}``; a result is stored at ``P:{r<command id>}``.
+    """
+
+    def __init__(self, op: str, cmd_ids: dict[int, str], *, single: bool,
+                 finalize: Finalize | None = None) -> None:
+        super().__init__()
+        self.set_running_or_notify_cancel()  # sent at once: there is no "not yet running"
+        self.op = op
+        self.cmd_ids = cmd_ids
+        self.single = single
+        self._finalize = finalize
+        self._lock = threading.Lock()
+        self._values: dict[int, Any] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._stdout: dict[int, str] = {}
+        self._stderr: dict[int, str] = {}
+
+    @property
+    def engine_ids(self) -> list[int]:
+        return list(self.cmd_ids)
+
+    @property
+    def engine_id(self) -> int | None:
+        """The target's id for an int target, else None."""
+        return next(iter(self.cmd_ids)) if self.single else None
+
+    @property
+    def stdout(self) -> str | dict[int, str]:
+        """What the command printed: a str for an int target, else ``{engine_id: str}``."""
+        return self._per_target(self._stdout)
+
+    @property
+    def stderr(self) -> str | dict[int, str]:
+        return self._per_target(self._stderr)
+
+    def _per_target(self, d: dict[int, str]) -> str | dict[int, str]:
+        if self.single:
+            return next(iter(d.values()), "")
+        return {eid: d.get(eid, "") for eid in self.cmd_ids}
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Alias of :meth:`result`."""
+        return self.result(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until done; True if done. Never raises the command's error."""
+        try:
+            self.exception(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<PendingResult {self.op} on {self.engine_ids} {state}>"
+
+    # ------------------------------------------------------------- listener side
+    def _deliver(self, engine_id: int, ok: bool, value: Any, stdout: str, stderr: str) -> None:
+        with self._lock:
+            if engine_id in self._values or engine_id in self._errors or self.done():
+                return
+            if ok:
+                self._values[engine_id] = value
+            else:
+                self._errors[engine_id] = value
+            self._stdout[engine_id] = stdout
+            self._stderr[engine_id] = stderr
+            if len(self._values) + len(self._errors) < len(self.cmd_ids):
+                return
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._errors:
+            if self.single:
+                self.set_exception(next(iter(self._errors.values())))
+            else:
+                self.set_exception(CompositeError(self._errors, self._values))
+            return
+        values = {eid: self._values[eid] for eid in self.cmd_ids}
+        try:
+            out = self._finalize(values) if self._finalize else values
+        except Exception as exc:  # a gather of parts that do not fit together, say
+            self.set_exception(exc)
+            return
+        if self.single and self._finalize is None:
+            out = values[next(iter(values))]
+        self.set_result(out)
+
+
+def completed(op: str, value: Any = None, exc: BaseException | None = None) -> PendingResult:
+    """A PendingResult that is already done (for calls answered from Redis directly)."""
+    f = PendingResult(op, {}, single=True)
+    if exc is not None:
+        f.set_exception(exc)
+    else:
+        f.set_result(value)
+    return f
+
+
+class ReplyListener(threading.Thread):
+    """Routes completion notices from ``P:{c<client>}:replies`` to pending results."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(name=f"re-replies-{client.client_id}", daemon=True)
+        self.client = client
+        self.r = connect(client.transport_url, pool_size=2)
+        self.stream = client.schema.replies(client.client_id)
+        self._routes: dict[str, tuple[PendingResult, int]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._last = "0-0"
+
+    def expect(self, cmd_id: str, pending: PendingResult, engine_id: int) -> None:
+        """Route the notice for ``cmd_id`` to ``pending`` (call before sending the command)."""
+        with self._lock:
+            self._routes[cmd_id] = (pending, engine_id)
+
+    def forget(self, cmd_ids: list[str]) -> None:
+        with self._lock:
+            for cmd_id in cmd_ids:
+                self._routes.pop(cmd_id, None)
+
+    def close(self) -> None:
+        self._closing.set()
+        try:  # wake the blocked read at once
+            self.client.r.xadd(self.stream, {"wake": "1"})
+        except redis.RedisError:
+            pass
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=BLOCK_SECONDS + 1)
+        self.r.close()
+
+    # ------------------------------------------------------------------ the thread
+    def run(self) -> None:
+        interval = self.client.settings.heartbeat_interval
+        block_ms = int(min(BLOCK_SECONDS, interval) * 1000)
+        next_check = time.monotonic() + interval
+        failures = 0
+        while not self._closing.is_set():
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                if self._last != "0-0":  # trim what we have read, in the same round trip
+                    pipe.xtrim(self.stream, minid=self._last, approximate=False)
+                pipe.xread({self.stream: self._last}, count=512, block=block_ms)
+                resp = pipe.execute()[-1]
+                failures = 0
+                for _stream, entries in resp or []:
+                    self._handle(entries)
+                if time.monotonic() >= next_check:
+                    self._check_leases()
+                    next_check = time.monotonic() + interval
+            except redis.ConnectionError as exc:
+                failures += 1
+                if self._closing.is_set():
+                    return
+                log.warning("reply listener: Redis unreachable: %s", exc)
+                self._fail_all(ConnectionLostError(f"lost the connection to Redis: {exc}"))
+                time.sleep(min(2.0, 0.1 * 2 ** failures))
+            except Exception:
+                if self._closing.is_set():
+                    return
+                log.exception("reply listener: unexpected error")
+                time.sleep(0.1)
+
+    def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        fetch: list[tuple[str, dict[bytes, bytes]]] = []
+        for entry_id, fields in entries:
+            self._last = entry_id.decode()
+            cmd = fields.get(b"id")
+            if cmd is None:
+                continue
+            cmd_id = cmd.decode()
+            if fields.get(b"fetch") == b"1":
+                fetch.append((cmd_id, fields))
+            else:
+                self._route(cmd_id, fields)
+        if fetch:
+            pipe = self.r.pipeline(transaction=False)
+            for cmd_id, _ in fetch:
+                pipe.hgetall(self.client.schema.result(cmd_id))
+            for (cmd_id, notice), full in zip(fetch, pipe.execute(), strict=True):
+                self._route(cmd_id, full or notice)
+
+    def _route(self, cmd_id: str, fields: dict[bytes, bytes]) -> None:
+        with self._lock:
+            route = self._routes.pop(cmd_id, None)
+        if route is None:
+            return
+        pending, engine_id = route
+        ok, value = self.client._outcome(fields, engine_id)
+        pending._deliver(engine_id, ok, value, _text(fields.get(b"stdout")),
+                         _text(fields.get(b"stderr")))
+
+    def _check_leases(self) -> None:
+        """Reap the engines we wait on whose lease expired; their notices follow."""
+        with self._lock:
+            waiting = {eid for _, eid in self._routes.values()}
+        if not waiting:
+            return
+        keys = self.client.schema
+        order = sorted(waiting)
+        pipe = self.r.pipeline(transaction=False)
+        for eid in order:
+            pipe.exists(keys.heartbeat(eid))
+        for eid, alive in zip(order, pipe.execute(), strict=True):
+            if not alive:
+                n = retire(self.r, keys, eid, "reap", self.client.settings)
+                log.info("engine %d lease expired: reaped, %d commands failed", eid, n)
+                self.client._engine_gone(eid)
+
+    def _fail_all(self, exc: RedisEnginesError) -> None:
+        with self._lock:
+            routes, self._routes = self._routes, {}
+        for pending, engine_id in routes.values():
+            pending._deliver(engine_id, False, exc, "", "")
+
+
+def _text(raw: bytes | None) -> str:
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def decode_error(fields: dict[bytes, bytes]) -> BaseException:
+    """The exception described by a result's ``error``/``exc`` fields."""
+    try:
+        record = json.loads(fields[b"error"])
+    except (KeyError, ValueError) as exc:
+        return DeserializationError(f"unreadable error record: {exc}")
+    return error_from_record(record, fields.get(b"exc"))

@@ -1,0 +1,92 @@
+"""Every Redis key name redisengines uses, under one prefix ``re:<cluster>`` (P below).
+
+Keys one engine touches together share the hash tag ``{e<id>}`` so that they stay on one
+slot under Redis Cluster; an object's pages share ``{o<oid>}``.
+
+==========================  ==============  ===========  =========  ====================================
+key                         type            written by   TTL        what an operator reads there
+==========================  ==============  ===========  =========  ====================================
+``P:engines``               hash            engines      none       engine id -> JSON (host, pid, state…)
+``P:next_id``               string (int)    engines      none       last engine id handed out, plus one
+``P:events``                stream, capped  all          none       registrations, exits, deaths
+``P:{e<id>}:inbox``         stream          clients      none       queued commands; group ``engine``;
+                                                                    XLEN = queued + running,
+                                                                    XPENDING = running
+``P:{e<id>}:ctl``           stream, capped  clients      none       out-of-band control (kill)
+``P:{e<id>}:hb``            string          engine       lease      heartbeat; missing = presumed dead
+``P:{e<id>}:ns``            hash            engine       none       namespace index: name -> JSON type, size
+``P:{e<id>}:done``          stream, capped  engine       none       completed commands; entry id
+                                                                    ``<n>-0`` is the n-th command
+``P:{r<cmd>}``              hash            engine       result     a result: status, value or object
+                                                                    ref, error, stdout, timings
+``P:{c<client>}:replies``   stream          engines      none       completion notices for one client
+``P:{o<oid>}``              hash            both         result     manifest of a paged object
+``P:{o<oid>}:<n>``          string          both         result     page n of that object
+==========================  ==============  ===========  =========  ====================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENGINE_GROUP = "engine"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names for one cluster."""
+
+    cluster: str = "default"
+
+    @property
+    def prefix(self) -> str:
+        return f"re:{self.cluster}"
+
+    @property
+    def engines(self) -> str:
+        return f"{self.prefix}:engines"
+
+    @property
+    def next_id(self) -> str:
+        return f"{self.prefix}:next_id"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    def inbox(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:inbox"
+
+    def ctl(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:ctl"
+
+    def heartbeat(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:hb"
+
+    def namespace(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:ns"
+
+    def done(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:done"
+
+    def result(self, cmd_id: str) -> str:
+        return f"{self.prefix}:{{r{cmd_id}}}"
+
+    def replies(self, client_id: str) -> str:
+        return f"{self.prefix}:{{c{client_id}}}:replies"
+
+    def manifest(self, oid: str) -> str:
+        return f"{self.prefix}:{{o{oid}}}"
+
+    def page(self, oid: str, n: int) -> str:
+        return f"{self.prefix}:{{o{oid}}}:{n}"
+
+    def engine_keys(self, engine_id: int) -> list[str]:
+        """Every per-engine key, for cleanup."""
+        return [
+            self.inbox(engine_id),
+            self.ctl(engine_id),
+            self.heartbeat(engine_id),
+            self.namespace(engine_id),
+            self.done(engine_id),
+        ]

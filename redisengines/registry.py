@@ -1,0 +1,58 @@
+"""The engine registry ``P:engines``: who is alive, and retiring those who are not."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from .config import Settings
+from .keys import Keys
+from .scripts import Scripts
+from .serialization import dumps
+
+NONE_FRAME = dumps(None)
+
+
+def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Settings,
+           scripts: Scripts | None = None) -> int:
+    """Run ``retire.lua``: fail what the engine holds and take it out of service.
+
+    ``mode`` is ``reap`` (acts only if the lease expired; returns -1 otherwise), ``kill``
+    or ``shutdown``. Returns the number of commands failed.
+    """
+    scripts = scripts or Scripts(r)
+    return int(scripts.retire(
+        keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
+              keys.ctl(engine_id), keys.namespace(engine_id), keys.done(engine_id)],
+        args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000), NONE_FRAME]))
+
+
+def engines(r: redis.Redis, keys: Keys) -> dict[int, dict[str, Any]]:
+    """Every registered engine's info, dead ones included, by id."""
+    out = {}
+    for field, raw in r.hgetall(keys.engines).items():
+        try:
+            out[int(field)] = json.loads(raw)
+        except ValueError:
+            continue
+    return dict(sorted(out.items()))
+
+
+def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
+             scripts: Scripts | None = None) -> list[int]:
+    """Ids of engines that hold a lease; engines whose lease expired are reaped on the way."""
+    candidates = [eid for eid, info in engines(r, keys).items() if info.get("state") != "dead"]
+    if not candidates:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for eid in candidates:
+        pipe.exists(keys.heartbeat(eid))
+    alive = []
+    for eid, exists in zip(candidates, pipe.execute(), strict=True):
+        if exists:
+            alive.append(eid)
+        else:
+            retire(r, keys, eid, "reap", settings, scripts)
+    return alive

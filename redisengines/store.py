@@ -1,0 +1,155 @@
+"""Values in Redis: small ones inline in a message, large ones as paged objects.
+
+A message field set carries a value either as ``value`` (one frame, see
+``serialization.pack``) or as ``obj`` (the id of a paged object). A paged object is a
+manifest hash ``P:{o<oid>}`` (segment lengths, page size, page count, size and, for
+objects read by several engines, a reference count) plus pages ``P:{o<oid>}:<n>`` of at
+most ``page_size`` bytes each. Pages never straddle segments, so a numpy buffer is sent
+as slices of its own memory and read back into one writable buffer.
+
+Pages are written first and the manifest last, in one pipeline: a writer that dies half
+way leaves only pages, which are invisible and expire.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .config import Settings
+from .errors import DeserializationError, ObjectLostError
+from .keys import Keys
+from .scripts import Scripts
+from .serialization import Serialized, check_size, deserialize, pack, serialize, unpack
+
+# Pages fetched per round trip when reading: bounds the memory held twice.
+READ_BATCH = 8
+
+
+def plan_pages(lengths: list[int], page_size: int) -> list[tuple[int, int, int]]:
+    """Pages as ``(segment, start, end)`` for segments of these lengths."""
+    pages = []
+    for seg, n in enumerate(lengths):
+        if n == 0:
+            continue
+        for start in range(0, n, page_size):
+            pages.append((seg, start, min(start + page_size, n)))
+    return pages
+
+
+class ObjectStore:
+    """Reads and writes values for one cluster."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, settings: Settings, scripts: Scripts) -> None:
+        self.r = r
+        self.keys = keys
+        self.settings = settings
+        self.scripts = scripts
+
+    # ----------------------------------------------------------------- whole values
+    def encode(self, obj: Any, *, what: str = "object", refs: int | None = None) -> dict[str, Any]:
+        """Serialize ``obj``, check its size, and return the message fields that carry it."""
+        ser = serialize(obj, what=what)
+        check_size(ser, self.settings.max_object_size, what=what)
+        return self.fields_for(ser, refs=refs)
+
+    def fields_for(self, ser: Serialized, *, refs: int | None = None) -> dict[str, Any]:
+        """``{"value": frame}`` for a small object, else ``{"obj": oid}`` after writing pages."""
+        if ser.nbytes <= self.settings.inline_max:
+            return {"value": pack(ser)}
+        return {"obj": self.put(ser, refs=refs)}
+
+    def decode(self, fields: dict[bytes, Any], *, what: str = "object",
+               release: bool = False) -> Any:
+        """The value carried by message fields (``value`` or ``obj``)."""
+        frame = fields.get(b"value")
+        if frame is not None:
+            return unpack(frame, what=what)
+        oid = fields.get(b"obj")
+        if oid is None:
+            raise DeserializationError(f"{what}: message carries no value")
+        oid = oid.decode() if isinstance(oid, bytes) else oid
+        segments = self.get_segments(oid)
+        if release:
+            self.release(oid)
+        return deserialize(segments, what=what)
+
+    # ----------------------------------------------------------------- paged objects
+    def put(self, ser: Serialized, *, refs: int | None = None, oid: str | None = None) -> str:
+        """Write ``ser`` as a paged object; returns its id."""
+        oid = oid or uuid.uuid4().hex
+        lengths = [s.nbytes for s in ser.segments]
+        pages = plan_pages(lengths, self.settings.page_size)
+        ttl_ms = int(self.settings.result_ttl * 1000)
+        manifest: dict[str, Any] = {
+            "segments": json.dumps(lengths),
+            "page_size": self.settings.page_size,
+            "pages": len(pages),
+            "size": sum(lengths),
+        }
+        if refs is not None:
+            manifest["refs"] = refs
+        pipe = self.r.pipeline(transaction=False)
+        for n, (seg, start, end) in enumerate(pages):
+            pipe.set(self.keys.page(oid, n), ser.segments[seg][start:end], px=ttl_ms)
+        mkey = self.keys.manifest(oid)
+        pipe.hset(mkey, mapping=manifest)
+        pipe.pexpire(mkey, ttl_ms)
+        pipe.execute()
+        return oid
+
+    def manifest(self, oid: str) -> dict[str, Any]:
+        raw = self.r.hgetall(self.keys.manifest(oid))
+        if not raw:
+            raise ObjectLostError(f"object {oid} is gone (expired, released or never committed)")
+        return {
+            "segments": json.loads(raw[b"segments"]),
+            "page_size": int(raw[b"page_size"]),
+            "pages": int(raw[b"pages"]),
+        }
+
+    def get_segments(self, oid: str) -> list[Any]:
+        """Read a paged object into one writable buffer per segment."""
+        man = self.manifest(oid)
+        lengths: list[int] = man["segments"]
+        pages = plan_pages(lengths, man["page_size"])
+        if len(pages) != man["pages"]:
+            raise ObjectLostError(f"object {oid}: manifest and page plan disagree")
+        buffers = [bytearray(n) for n in lengths]
+        views = [memoryview(b) for b in buffers]
+        for batch_start, batch in _batches(pages, READ_BATCH):
+            pipe = self.r.pipeline(transaction=False)
+            for i in range(len(batch)):
+                pipe.get(self.keys.page(oid, batch_start + i))
+            for i, ((seg, start, end), data) in enumerate(zip(batch, pipe.execute(), strict=True)):
+                if data is None or len(data) != end - start:
+                    got = "missing" if data is None else f"{len(data)} bytes"
+                    raise ObjectLostError(
+                        f"object {oid}: page {batch_start + i} is {got}, expected {end - start} bytes")
+                views[seg][start:end] = data
+        return [views[0], *buffers[1:]]
+
+    def get(self, oid: str, *, what: str = "object") -> Any:
+        return deserialize(self.get_segments(oid), what=what)
+
+    def release(self, oid: str) -> None:
+        """Drop one reference; the last one deletes the object."""
+        man = self.manifest(oid)
+        page_keys = [self.keys.page(oid, n) for n in range(man["pages"])]
+        self.scripts.release_object(keys=[self.keys.manifest(oid), *page_keys])
+
+    def delete(self, oid: str) -> None:
+        try:
+            man = self.manifest(oid)
+        except ObjectLostError:
+            return
+        self.r.delete(self.keys.manifest(oid), *(self.keys.page(oid, n) for n in range(man["pages"])))
+
+
+def _batches(items: list[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
