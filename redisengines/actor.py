@@ -141,12 +141,16 @@ class Engine:
         block_ms = int(BLOCK_SECONDS * 1000)
         complete: list[Any] | None = None
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
-        while not self._stopping.is_set():
+        while True:
+            stopping = self._stopping.is_set()  # still complete what ran, read nothing more
             pipe = self.r.pipeline(transaction=False)
             if complete is not None:
                 pipe.evalsha(self.scripts.complete.sha, 5, *complete)
-            pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor}, count=1,
-                            block=None if cursor == "0" else block_ms)
+            elif stopping:
+                return
+            if not stopping:
+                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor}, count=1,
+                                block=None if cursor == "0" else block_ms)
             try:
                 replies = pipe.execute(raise_on_error=False)
             except redis.ConnectionError as exc:
@@ -166,6 +170,8 @@ class Engine:
                     self._fenced("complete")
                     return
                 complete = None
+            if stopping:
+                return
             read = replies[-1]
             if isinstance(read, ResponseError):
                 if "NOGROUP" in str(read):
@@ -203,7 +209,9 @@ class Engine:
         self._executing = True
         try:
             value = self.namespace.run(cmd)
-            result = {"status": "ok", **self.store.encode(value, what=f"result of {cmd.op}")}
+            # A large result is released by the client that reads it first (refs=1).
+            result = {"status": "ok",
+                      **self.store.encode(value, what=f"result of {cmd.op}", refs=1)}
         except BaseException as exc:  # noqa: B036 - user code may raise anything
             if isinstance(exc, _Shutdown):
                 raise

@@ -210,14 +210,19 @@ class Client:
     def _finish(pending: PendingResult, block: bool, timeout: float | None) -> Any:
         return pending.result(timeout) if block else pending
 
-    def _outcome(self, fields: dict[bytes, bytes], engine_id: int) -> tuple[bool, Any]:
-        """``(ok, value or exception)`` for a result's fields (runs on the listener thread)."""
+    def _outcome(self, fields: dict[bytes, bytes], engine_id: int,
+                 release: bool = True) -> tuple[bool, Any]:
+        """``(ok, value or exception)`` for a result's fields.
+
+        ``release`` drops the reference to a large result's pages once read (the
+        submitter's read, on the listener thread); ``get_result`` reads without releasing.
+        """
         if fields.get(b"status") != b"ok":
             return False, decode_error(fields)
         op = fields.get(b"op", b"").decode()
         try:
             return True, self.store.decode(fields, what=f"result of {op} from engine {engine_id}",
-                                           release=True)
+                                           release=release)
         except (DeserializationError, ObjectLostError) as exc:
             exc.engine_id = engine_id  # type: ignore[attr-defined]
             return False, exc
@@ -433,8 +438,7 @@ class Client:
         if not fields:
             raise _missing_result(eid, f"the result of command {i} ({cmd_id}) on engine {eid} "
                                        "has expired")
-        ok, value = self._outcome(fields, eid) if fields.get(b"status") == b"ok" else \
-            (False, decode_error(fields))
+        ok, value = self._outcome(fields, eid, release=False)
         code = fields.get(b"code")
         return Result(
             engine_id=eid, id=cmd_id, op=fields.get(b"op", b"").decode(),

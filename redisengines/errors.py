@@ -310,7 +310,11 @@ _remote_classes: dict[type, type[RemoteError]] = {}
 
 
 def _remote_class(base: type | None) -> type[RemoteError]:
-    """``RemoteError`` mixed with the original exception class, cached per class."""
+    """``RemoteError`` mixed with the original exception class, cached per class.
+
+    Only ``Exception`` subclasses are mixed in: a remote ``SystemExit`` or
+    ``KeyboardInterrupt`` re-raised as such would exit the client or pass for its own Ctrl-C.
+    """
     if base is None or not issubclass(base, Exception) or issubclass(base, RemoteError):
         return RemoteError
     cls = _remote_classes.get(base)

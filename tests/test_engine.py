@@ -1,0 +1,170 @@
+"""The engine process under faults: death, kill, shutdown, garbage in its stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import redis
+
+import redisengines
+from redisengines import EngineDiedError, EngineShutdownError, ProtocolError
+
+from .waiting import wait_until
+
+LONG = "import time; time.sleep(60)"
+
+
+def running(client: redisengines.Client, eid: int) -> bool:
+    return client.queue_status(targets=eid)["running"] == 1
+
+
+def test_sigkill_mid_execute_fails_running_and_queued(cluster, client) -> None:
+    busy = client.execute(LONG, targets=0, block=False)
+    wait_until(lambda: running(client, 0), what="engine 0 busy")
+    queued = client.execute("x = 1", targets=0, block=False)
+    t0 = time.monotonic()
+    os.kill(cluster.processes[0].pid, signal.SIGKILL)
+
+    with pytest.raises(EngineDiedError) as died:
+        busy.result(timeout=10)
+    detected = time.monotonic() - t0
+    assert died.value.engine_id == 0 and died.value.started is True
+    assert "engine 0 died" in str(died.value)
+    with pytest.raises(EngineDiedError) as not_started:
+        queued.result(timeout=1)
+    assert not_started.value.started is False
+    # lease 1.5 s + one check interval, with slack for a loaded machine
+    assert detected < 5
+    assert client.ids == [1]
+    assert client.execute("y = 2", targets=1) is None
+    with pytest.raises(redisengines.InvalidTargetError):
+        client.execute("y = 2", targets=0)
+
+
+def test_dead_engine_marked_dead_in_registry(cluster, client, r, cluster_name) -> None:
+    os.kill(cluster.processes[1].pid, signal.SIGKILL)
+    wait_until(lambda: client.ids == [0], what="engine 1 reaped")
+    info = json.loads(r.hget(f"re:{cluster_name}:engines", "1"))
+    assert info["state"] == "dead"
+    assert not r.exists(f"re:{cluster_name}:{{e1}}:inbox")
+
+
+def test_barrier_fails_fast_when_an_engine_dies(cluster, client) -> None:
+    fs = [client.execute(LONG, targets=eid, block=False) for eid in (0, 1)]
+    wait_until(lambda: running(client, 1), what="engine 1 busy")
+    os.kill(cluster.processes[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(EngineDiedError):
+        client.barrier(fs, timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert not fs[0].done()
+
+
+def test_kill_while_busy(client) -> None:
+    busy = client.execute(LONG, targets=0, block=False)
+    queued = client.execute("x = 1", targets=0, block=False)
+    wait_until(lambda: running(client, 0), what="engine 0 busy")
+    assert client.kill(targets=0, timeout=5) is None
+    with pytest.raises(EngineShutdownError) as err:
+        busy.result(timeout=5)
+    assert err.value.started is True and "was killed" in str(err.value)
+    with pytest.raises(EngineShutdownError):
+        queued.result(timeout=5)
+    assert client.ids == [1]
+
+
+def test_kill_dead_engine_returns_once_reaped(cluster, client) -> None:
+    os.kill(cluster.processes[0].pid, signal.SIGKILL)
+    assert client.kill(targets=0, timeout=10) is None
+
+
+def test_sigterm_finishes_current_and_fails_queued(cluster, client) -> None:
+    busy = client.execute("import time; time.sleep(0.5); done = True", targets=0, block=False)
+    wait_until(lambda: running(client, 0), what="engine 0 busy")
+    queued = client.execute("x = 1", targets=0, block=False)
+    cluster.processes[0].send_signal(signal.SIGTERM)
+    assert busy.result(timeout=10) is None
+    with pytest.raises(EngineShutdownError) as err:
+        queued.result(timeout=10)
+    assert err.value.started is False
+    assert cluster.processes[0].wait(10) == 0
+    assert client.ids == [1]
+
+
+def _xadd_raw(r: redis.Redis, cluster_name: str, fields: dict) -> None:
+    r.xadd(f"re:{cluster_name}:{{e0}}:inbox", fields)
+
+
+def test_garbage_entry_is_skipped_and_engine_keeps_serving(client, r, cluster_name) -> None:
+    _xadd_raw(r, cluster_name, {"foo": "bar"})
+    _xadd_raw(r, cluster_name, {"op": "execute"})
+    _xadd_raw(r, cluster_name, {"op": b"\xff\xfe", "id": b"\x00"})
+    assert client.execute("a = 1", targets=0) is None
+    assert client.pull("a", targets=0) == 1
+    assert client.queue_status(targets=0) == {"queued": 0, "running": 0, "completed": 5}
+
+
+def test_unknown_op_fails_the_senders_future(client, r, cluster_name) -> None:
+    """A malformed command that names its client fails that client's future, never hangs it."""
+    f = client.execute("b = 1", targets=0, block=False)  # learn our client id from the routing
+    f.result(timeout=5)
+    cmd_id = f"{client.client_id}-bogus"
+    pending = redisengines.PendingResult("bogus", {0: cmd_id}, single=True)
+    client._listener.expect(cmd_id, pending, 0)
+    _xadd_raw(r, cluster_name, {"op": "frobnicate", "id": cmd_id, "client": client.client_id})
+    with pytest.raises(ProtocolError, match="unknown op 'frobnicate'"):
+        pending.result(timeout=5)
+    assert client.pull("b", targets=0) == 1
+
+
+def test_user_code_exit_does_not_stop_the_engine(client) -> None:
+    """SystemExit/KeyboardInterrupt on an engine come back as plain RemoteErrors: re-raising
+    them as such on the client would exit the client or look like the user's own Ctrl-C."""
+    with pytest.raises(redisengines.RemoteError) as err:
+        client.execute("raise SystemExit(3)", targets=0)
+    assert err.value.remote_type == "SystemExit" and not isinstance(err.value, SystemExit)
+    with pytest.raises(redisengines.RemoteError) as err:
+        client.execute("raise KeyboardInterrupt", targets=0)
+    assert err.value.remote_type == "KeyboardInterrupt"
+    assert client.execute("ok = 1", targets=0) is None
+    assert client.ids == [0, 1]
+
+
+def test_engines_exit_when_the_owning_process_is_killed(tmp_path) -> None:
+    """A script that started a Cluster is SIGKILLed: its engines and server must not linger."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys, time
+        import redisengines
+        cluster = redisengines.Cluster(n=2).start()
+        pids = [p.pid for p in cluster.processes.values()] + [cluster.server.proc.pid]
+        print(json.dumps(pids), flush=True)
+        time.sleep(60)
+    """))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(owner.stdout.readline())
+        owner.kill()
+        owner.wait(5)
+
+        def all_gone() -> bool:
+            return not any(_alive(pid) for pid in pids)
+        wait_until(all_gone, timeout=15, what="engines and server to exit")
+    finally:
+        owner.kill()
+        owner.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,82 @@
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+from redisengines.errors import DeserializationError, ObjectTooBigError, SerializationError
+from redisengines.serialization import (
+    OUT_OF_BAND_MIN,
+    check_size,
+    dumps,
+    pack,
+    serialize,
+    to_pickle,
+    unpack,
+    unpack_segments,
+)
+
+
+def test_small_values_round_trip_in_one_segment() -> None:
+    value = {"a": [1, 2.5, "x"], "f": lambda x: x + 1}
+    ser = serialize(value)
+    assert len(ser.segments) == 1
+    back = unpack(pack(ser))
+    assert back["a"] == [1, 2.5, "x"] and back["f"](1) == 2
+
+
+def test_large_array_travels_out_of_band_without_copy() -> None:
+    arr = np.arange(OUT_OF_BAND_MIN, dtype=np.float64)
+    ser = serialize({"arr": arr})
+    assert len(ser.segments) == 2
+    assert ser.segments[1].nbytes == arr.nbytes
+    assert np.shares_memory(np.frombuffer(ser.segments[1], dtype=np.float64), arr)
+    back = unpack(pack(ser))["arr"]
+    assert np.array_equal(back, arr)
+    back[0] = -1.0  # arrays read back are writable
+    assert back[0] == -1.0
+
+
+def test_non_contiguous_array_is_copied_in_band() -> None:
+    arr = np.arange(4 * OUT_OF_BAND_MIN, dtype=np.float64)[::4]
+    assert np.array_equal(unpack(dumps(arr)), arr)
+
+
+def test_unpicklable_object_names_what_failed() -> None:
+    with pytest.raises(SerializationError, match="'lock'.*lock"):
+        serialize(threading.Lock(), what="'lock'")
+
+
+def test_check_size_reports_size_and_limit() -> None:
+    ser = serialize(b"x" * 1000)
+    check_size(ser, 10_000)
+    with pytest.raises(ObjectTooBigError) as err:
+        check_size(ser, 100)
+    assert err.value.size == ser.nbytes and err.value.limit == 100
+
+
+@pytest.mark.parametrize("frame", [b"", b"XYZ", b"RE1\x01\x00", dumps([1, 2])[:-1],
+                                   dumps([1, 2]) + b"!"])
+def test_corrupt_frames_raise_deserialization_error(frame: bytes) -> None:
+    with pytest.raises(DeserializationError):
+        unpack(frame)
+
+
+def test_bad_pickle_in_a_good_frame() -> None:
+    frame = pack(serialize(1))
+    bad = frame[:-2] + b"\x00\x00"
+    with pytest.raises(DeserializationError, match="cannot deserialize"):
+        unpack(bad)
+
+
+def test_unpack_segments_gives_writable_buffers() -> None:
+    arr = np.ones(OUT_OF_BAND_MIN, dtype=np.uint8)
+    segments = unpack_segments(dumps(arr))
+    assert isinstance(segments[1], bytearray)
+
+
+def test_to_pickle_is_plain_pickle() -> None:
+    arr = np.arange(OUT_OF_BAND_MIN)
+    assert np.array_equal(pickle.loads(to_pickle(arr)), arr)
+    with pytest.raises(SerializationError):
+        to_pickle(threading.Lock())
