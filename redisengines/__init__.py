@@ -43,15 +43,22 @@ def connect(url: str | None = None, cluster: str | None = None, **settings: obje
 
     Args:
         url: the server's URL (``redis://host:port/db``, ``rediss://…``, ``unix://…``);
-            default ``REDISENGINES_REDIS_URL``.
+            default ``REDISENGINES_REDIS_URL``, else the connection file that
+            ``redisengines start`` wrote for this cluster.
         cluster: the cluster name (keys live under ``re:<cluster>:``); default
             ``REDISENGINES_CLUSTER`` or ``"default"``.
         **settings: any other :class:`Settings` field, overriding the environment.
     """
     s = Settings.from_env(redis_url=url, cluster=cluster, **settings)
     if not s.redis_url:
-        raise ValueError("no server URL: pass url=... or set REDISENGINES_REDIS_URL "
-                         "(or use redisengines.Cluster() to start a local one)")
+        from . import runfile
+
+        running = runfile.live(s.cluster)
+        if running is not None:
+            s = s.replace(redis_url=running.url)
+    if not s.redis_url:
+        raise ValueError("no server URL: pass url=..., set REDISENGINES_REDIS_URL, run "
+                         "`redisengines start`, or use redisengines.Cluster() to start one")
     return Client(s.redis_url, cluster=s.cluster, settings=s)
 
 

@@ -67,7 +67,7 @@ class Engine:
         self.keys = Keys(settings.cluster)
         self.parent_pid = parent_pid
         self.handle_signals = handle_signals
-        self.r = connect(settings.redis_url, pool_size=4)
+        self.r = connect(settings.redis_url, retries=settings.retries, pool_size=4)
         self.scripts = Scripts(self.r)
         self.store = ObjectStore(self.r, self.keys, settings, self.scripts)
         self.id = -1
@@ -125,7 +125,7 @@ class Engine:
         self._stopping.set()
 
     def _retire(self, mode: str) -> int:
-        r = connect(self.settings.redis_url)  # the main connection may be mid-read
+        r = connect(self.settings.redis_url, retries=self.settings.retries)  # the main connection may be mid-read
         try:
             return retire(r, self.keys, self.id, mode, self.settings)
         except redis.RedisError as exc:
@@ -136,14 +136,19 @@ class Engine:
 
     # --------------------------------------------------------------------- main loop
     def _serve(self) -> None:
+        # The read/complete loop retries by itself: a transparently retried XREADGROUP '>'
+        # would leave an entry delivered by the lost attempt unseen in our PEL.
+        self._loop_r = connect(self.settings.redis_url, retries=0, pool_size=1,
+                               name=f"{self.keys.prefix}:e{self.id}:loop")
         inbox = self.keys.inbox(self.id)
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
         complete: list[Any] | None = None
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
+        failures = 0
         while True:
             stopping = self._stopping.is_set()  # still complete what ran, read nothing more
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self._loop_r.pipeline(transaction=False)
             if complete is not None:
                 pipe.evalsha(self.scripts.complete.sha, 5, *complete)
             elif stopping:
@@ -153,15 +158,17 @@ class Engine:
                                 block=None if cursor == "0" else block_ms)
             try:
                 replies = pipe.execute(raise_on_error=False)
-            except redis.ConnectionError as exc:
-                log.error("engine %d: Redis unreachable after retries: %s", self.id, exc)
-                time.sleep(1.0)
-                cursor = "0"
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failures += 1
+                log.warning("engine %d: Redis unreachable (%s); retry %d", self.id, exc, failures)
+                time.sleep(min(2.0, 0.05 * 2 ** failures))
+                cursor = "0"  # re-read what a lost reply may have delivered to us
                 continue
             if complete is not None:
                 done = replies[0]
                 if isinstance(done, NoScriptError):
-                    self.scripts.complete.sha = self.r.script_load(self.scripts.complete.script)
+                    self.r.script_load(self.scripts.complete.script)
                     cursor = "0"  # what the read delivered is re-read from our PEL
                     continue
                 if isinstance(done, Exception):
@@ -184,7 +191,7 @@ class Engine:
                 continue
             entry_id, fields = entries[0]
             if fields is None:  # deleted while pending (clear_queue cannot do this; be safe)
-                self.r.xack(inbox, ENGINE_GROUP, entry_id)
+                self._loop_r.xack(inbox, ENGINE_GROUP, entry_id)
                 continue
             complete = self._run(entry_id.decode(), fields)
 
@@ -256,7 +263,7 @@ class Engine:
 
     # ------------------------------------------------------------------ control thread
     def _control_loop(self) -> None:
-        r = connect(self.settings.redis_url)
+        r = connect(self.settings.redis_url, retries=self.settings.retries)
         scripts = Scripts(r)
         ctl = self.keys.ctl(self.id)
         last = "0-0"

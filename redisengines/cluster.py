@@ -75,7 +75,7 @@ class Cluster:
         if n == 0:
             return []
         settings = self.settings.replace(redis_url=self.local_url)
-        r = redis_connect(self.local_url)
+        r = redis_connect(self.local_url, retries=self.settings.retries)
         try:
             from .keys import Keys
             keys = Keys(self.name)

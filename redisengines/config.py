@@ -15,6 +15,7 @@ variable                                field                default
 ``REDISENGINES_HEARTBEAT_TTL``          ``heartbeat_ttl``    6.0 s
 ``REDISENGINES_RESULT_TTL``             ``result_ttl``       86400 s
 ``REDISENGINES_DONE_HISTORY``           ``done_history``     1000 commands
+``REDISENGINES_RETRIES``                ``retries``          8 (about 7 s of backoff)
 ``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
 ======================================  ===================  ==========================
 """
@@ -43,6 +44,7 @@ class Settings:
     heartbeat_ttl: float = 6.0
     result_ttl: float = 86400.0
     done_history: int = 1000
+    retries: int = 8
     server_bin: str | None = None
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class Settings:
         for name in ("max_object_size", "page_size", "inline_max", "done_history"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.retries < 0:
+            raise ValueError("retries must be >= 0")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -22,15 +22,19 @@ from .errors import ConnectionLostError
 # Longest block of any XREAD/XREADGROUP we issue; socket timeouts stay above it.
 BLOCK_SECONDS = 2.0
 SOCKET_TIMEOUT = BLOCK_SECONDS + 8.0
-RETRIES = 8  # about 10 s of backoff in all before giving up
 
 
-def connect(url: str, *, name: str | None = None, pool_size: int | None = None) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``) with retry and timeouts."""
+def connect(url: str, *, retries: int = 8, name: str | None = None,
+            pool_size: int | None = None) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://``, ``unix://``) with retry and timeouts.
+
+    ``retries`` connection-class failures are retried with exponential backoff and jitter
+    (from 50 ms, capped at 2 s: 8 retries wait about 7 s in all) before the error is raised.
+    """
     kwargs = dict(
         socket_timeout=SOCKET_TIMEOUT,
         socket_connect_timeout=5.0,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), RETRIES),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         health_check_interval=0,
         client_name=name,

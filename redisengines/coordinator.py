@@ -89,7 +89,8 @@ class Client:
         self.cluster = cluster
         self.schema = Keys(cluster)
         self.client_id = uuid.uuid4().hex[:16]
-        self.r = redis_connect(self.transport_url, name=f"re:{cluster}:client")
+        self.r = redis_connect(self.transport_url, retries=self.settings.retries,
+                               name=f"re:{cluster}:client")
         self.scripts = Scripts(self.r)
         self.store = ObjectStore(self.r, self.schema, self.settings, self.scripts)
         self._seq = itertools.count(1)

@@ -156,7 +156,7 @@ class ReplyListener(threading.Thread):
     def __init__(self, client: Client) -> None:
         super().__init__(name=f"re-replies-{client.client_id}", daemon=True)
         self.client = client
-        self.r = connect(client.transport_url, pool_size=2)
+        self.r = connect(client.transport_url, retries=client.settings.retries, pool_size=2)
         self.stream = client.schema.replies(client.client_id)
         self._routes: dict[str, tuple[PendingResult, int]] = {}
         self._lock = threading.Lock()
@@ -175,10 +175,13 @@ class ReplyListener(threading.Thread):
 
     def close(self) -> None:
         self._closing.set()
-        try:  # wake the blocked read at once
-            self.client.r.xadd(self.stream, {"wake": "1"})
+        waker = connect(self.client.transport_url, retries=0)
+        try:  # wake the blocked read at once; no retrying if Redis is gone
+            waker.xadd(self.stream, {"wake": "1"})
         except redis.RedisError:
             pass
+        finally:
+            waker.close()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=BLOCK_SECONDS + 1)
         self.r.close()

@@ -168,3 +168,13 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_engine_survives_its_connection_being_killed(client, r, cluster_name) -> None:
+    """CLIENT KILL on the engine's blocked read: it reconnects and re-reads its own PEL."""
+    name = f"re:{cluster_name}:e0:loop"
+    conns = wait_until(lambda: [c for c in r.client_list() if c["name"] == name],
+                       what="engine 0 loop connection")
+    r.execute_command("CLIENT", "KILL", "ID", conns[0]["id"])
+    assert client.execute("after = 1", targets=0, timeout=10) is None
+    assert client.pull("after", targets=0, timeout=10) == 1
