@@ -6,7 +6,7 @@ import atexit
 import subprocess
 from typing import Any
 
-from . import launcher
+from . import launcher, registry
 from .config import Settings
 from .connection import connect as redis_connect
 from .coordinator import Client
@@ -79,7 +79,7 @@ class Cluster:
         try:
             from .keys import Keys
             keys = Keys(self.name)
-            since = launcher.last_event_id(r, keys)
+            since = registry.last_event_id(r, keys)
             procs = launcher.spawn_engines(n, settings)
             try:
                 found = launcher.wait_registered(r, keys, procs, since, timeout)
@@ -91,6 +91,8 @@ class Cluster:
         by_pid = {p.pid: p for p in procs}
         for eid, pid in found.items():
             self.processes[eid] = by_pid[pid]
+        for c in self._clients:  # "all" includes them from now on, not a moment later
+            c.get_ids()
         return sorted(found)
 
     def client(self, **kwargs: Any) -> Client:

@@ -98,8 +98,9 @@ class Client:
         self._known: set[int] = set()
         self._closed = False
         with translate_errors("connect"):
-            self.r.ping()
-        self._listener = ReplyListener(self)
+            events_from = registry.last_event_id(self.r, self.schema)
+            self.get_ids()
+        self._listener = ReplyListener(self, events_from)
         self._listener.start()
 
     # ------------------------------------------------------------------ lifecycle
@@ -151,7 +152,10 @@ class Client:
             if targets != "all":
                 raise InvalidTargetError(f"targets must be an int, a list of ints or 'all', "
                                          f"not {targets!r}")
-            ids = self.get_ids()
+            with self._lock:  # kept current by the listener, which follows P:events
+                ids = sorted(self._known)
+            if not ids:
+                ids = self.get_ids()
             if not ids:
                 raise InvalidTargetError(f"no live engines in cluster {self.cluster!r}")
             return ids, False
@@ -178,6 +182,14 @@ class Client:
     def _engine_gone(self, engine_id: int) -> None:
         with self._lock:
             self._known.discard(engine_id)
+
+    def _engine_event(self, event: str, engine_id: int) -> None:
+        """An entry of ``P:events``: an engine registered, or left (kill, shutdown, reap)."""
+        with self._lock:
+            if event == "registered":
+                self._known.add(engine_id)
+            else:
+                self._known.discard(engine_id)
 
     # ------------------------------------------------------------------- sending
     def _new_id(self) -> str:

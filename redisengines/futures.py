@@ -153,7 +153,7 @@ def completed(op: str, value: Any = None, exc: BaseException | None = None) -> P
 class ReplyListener(threading.Thread):
     """Routes completion notices from ``P:{c<client>}:replies`` to pending results."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, events_from: str) -> None:
         super().__init__(name=f"re-replies-{client.client_id}", daemon=True)
         self.client = client
         self.r = connect(client.transport_url, retries=client.settings.retries, pool_size=2)
@@ -162,6 +162,8 @@ class ReplyListener(threading.Thread):
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._last = "0-0"
+        self.events = client.schema.events
+        self._events_last = events_from
 
     def expect(self, cmd_id: str, pending: PendingResult, engine_id: int) -> None:
         """Route the notice for ``cmd_id`` to ``pending`` (call before sending the command)."""
@@ -197,11 +199,15 @@ class ReplyListener(threading.Thread):
                 pipe = self.r.pipeline(transaction=False)
                 if self._last != "0-0":  # trim what we have read, in the same round trip
                     pipe.xtrim(self.stream, minid=self._last, approximate=False)
-                pipe.xread({self.stream: self._last}, count=512, block=block_ms)
+                pipe.xread({self.stream: self._last, self.events: self._events_last},
+                           count=512, block=block_ms)
                 resp = pipe.execute()[-1]
                 failures = 0
-                for _stream, entries in resp or []:
-                    self._handle(entries)
+                for stream, entries in resp or []:
+                    if stream.decode() == self.events:
+                        self._membership(entries)
+                    else:
+                        self._handle(entries)
                 if time.monotonic() >= next_check:
                     self._check_leases()
                     next_check = time.monotonic() + interval
@@ -217,6 +223,14 @@ class ReplyListener(threading.Thread):
                     return
                 log.exception("reply listener: unexpected error")
                 time.sleep(0.1)
+
+    def _membership(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            self._events_last = entry_id.decode()
+            try:
+                self.client._engine_event(fields[b"event"].decode(), int(fields[b"engine"]))
+            except (KeyError, ValueError):
+                log.warning("ignoring malformed event %s: %r", entry_id, fields)
 
     def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         fetch: list[tuple[str, dict[bytes, bytes]]] = []

@@ -11,10 +11,10 @@ import time
 
 import redis
 
+from . import registry
 from .config import Settings
 from .errors import RedisEnginesError
 from .keys import Keys
-from . import registry
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def wait_registered(r: redis.Redis, keys: Keys, procs: list[subprocess.Popen[byt
                 if info.get("pid") in pids:
                     found[eid] = info["pid"]
     return found
-
-
-def last_event_id(r: redis.Redis, keys: Keys) -> str:
-    last = r.xrevrange(keys.events, count=1)
-    return last[0][0].decode() if last else "0-0"
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float = 5.0) -> None:

@@ -29,6 +29,12 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
         args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000), NONE_FRAME]))
 
 
+def last_event_id(r: redis.Redis, keys: Keys) -> str:
+    """Id of the newest entry of ``P:events`` (read from there to miss nothing after now)."""
+    last = r.xrevrange(keys.events, count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
 def engines(r: redis.Redis, keys: Keys) -> dict[int, dict[str, Any]]:
     """Every registered engine's info, dead ones included, by id."""
     out = {}

@@ -178,3 +178,10 @@ def test_engine_survives_its_connection_being_killed(client, r, cluster_name) ->
     r.execute_command("CLIENT", "KILL", "ID", conns[0]["id"])
     assert client.execute("after = 1", targets=0, timeout=10) is None
     assert client.pull("after", targets=0, timeout=10) == 1
+
+
+def test_engines_started_later_join_all(cluster, client) -> None:
+    assert cluster.start_engines(1) == [2]
+    assert client.execute("a = 1") == {0: None, 1: None, 2: None}
+    client.kill(targets=2)
+    assert client.execute("a = 2") == {0: None, 1: None}
