@@ -77,6 +77,7 @@ class Engine:
         self._executing = False
         self._current: tuple[str, str, float] | None = None
         self._exit_code = 0
+        self._killed = threading.Event()
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
@@ -85,6 +86,9 @@ class Engine:
             keys=[self.keys.next_id, self.keys.engines, self.keys.events],
             args=[self.keys.prefix, self._ttl_ms(), json.dumps(info)]))
         self.namespace = Namespace(self.id, self.store)
+        # Loaded now: a NOSCRIPT for complete.lua would only come back after the
+        # blocking read it is pipelined with, stalling the first command by BLOCK_SECONDS.
+        self.r.script_load(self.scripts.complete.script)
         log.info("engine %d registered in cluster %r (pid %d)", self.id, self.settings.cluster,
                  os.getpid())
         return self.id
@@ -102,6 +106,9 @@ class Engine:
             self._serve()
         except _Shutdown:
             pass
+        if self._killed.is_set():  # the control thread retires the engine and exits
+            control.join(timeout=30)
+            return 0
         if self._exit_code == 0:
             self._retire("shutdown")
         return self._exit_code
@@ -115,8 +122,10 @@ class Engine:
             raise _Shutdown()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        """Ctrl-C interrupts the running command; an idle engine shuts down."""
         if self._executing:
             raise KeyboardInterrupt()
+        self._on_sigterm(signum, frame)
 
     def _fenced(self, where: str) -> None:
         log.error("engine %d: lease expired (%s); presumed dead by the cluster, exiting",
@@ -125,7 +134,8 @@ class Engine:
         self._stopping.set()
 
     def _retire(self, mode: str) -> int:
-        r = connect(self.settings.redis_url, retries=self.settings.retries)  # the main connection may be mid-read
+        # Its own connection: the main one may be in the middle of a read.
+        r = connect(self.settings.redis_url, retries=self.settings.retries)
         try:
             return retire(r, self.keys, self.id, mode, self.settings)
         except redis.RedisError as exc:
@@ -182,7 +192,8 @@ class Engine:
             read = replies[-1]
             if isinstance(read, ResponseError):
                 if "NOGROUP" in str(read):
-                    self._fenced("inbox removed")
+                    if not self._killed.is_set():  # a kill removes the inbox on purpose
+                        self._fenced("inbox removed")
                     return
                 raise read
             entries = read[0][1] if read else []
@@ -217,8 +228,7 @@ class Engine:
         try:
             value = self.namespace.run(cmd)
             # A large result is released by the client that reads it first (refs=1).
-            result = {"status": "ok",
-                      **self.store.encode(value, what=f"result of {cmd.op}", refs=1)}
+            result = {"status": "ok", **self.store.encode(value, what=_what(cmd), refs=1)}
         except BaseException as exc:  # noqa: B036 - user code may raise anything
             if isinstance(exc, _Shutdown):
                 raise
@@ -320,6 +330,7 @@ class Engine:
         if op != "kill":
             log.warning("engine %d: ignoring unknown control entry %r", self.id, op)
             return
+        self._killed.set()
         failed = self._retire("kill")  # also answers the kill command itself
         log.info("engine %d: killed (%d commands failed)", self.id, failed)
         sys.stdout.flush()
@@ -344,6 +355,14 @@ class Engine:
 
     def _result_ttl_ms(self) -> int:
         return int(self.settings.result_ttl * 1000)
+
+
+def _what(cmd: Command) -> str:
+    """How a command's result is named in a serialization error."""
+    names = cmd.names() if cmd.op in ("pull", "pull_namespace", "pull_serialized") else None
+    if names:
+        return f"{cmd.op} of {', '.join(map(repr, names))}"
+    return f"result of {cmd.op}"
 
 
 def _cap(text: str) -> str:

@@ -6,10 +6,12 @@ never does). rich is imported only by the commands that print tables, so ``engin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 
@@ -38,6 +40,14 @@ def _logging(verbose: bool) -> None:
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"Error: {message}", err=True)
     return typer.Exit(1)
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password masked, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 def _settings(url: str | None, cluster: str | None, *, need_url: bool = True) -> Settings:
@@ -87,11 +97,12 @@ def start(n: Annotated[int, typer.Option("-n", "--engines", min=0, help="Number 
         info = runfile.start_background(n, settings, verbose=verbose)
     except (runfile.AlreadyRunningError, RuntimeError, TimeoutError, OSError) as exc:
         raise _fail(str(exc)) from None
-    typer.echo(f"Cluster {info.cluster!r} is running: {n} engines, supervisor pid {info.pid}.")
-    typer.echo(f"URL:             {info.url}")
-    typer.echo(f"Connection file: {runfile.path(info.cluster)}")
-    typer.echo(f"Log:             {runfile.log_path(info.cluster)}")
-    typer.echo(f"Stop it with:    redisengines stop --cluster {info.cluster}")
+    engines = "1 engine" if n == 1 else f"{n} engines"
+    typer.echo(f"Cluster {info.cluster!r} is running: {engines}, supervisor pid {info.pid}.\n"
+               f"URL:             {_shown(info.url)}\n"
+               f"Connection file: {runfile.path(info.cluster)}\n"
+               f"Log:             {runfile.log_path(info.cluster)}\n"
+               f"Stop it with:    redisengines stop --cluster {info.cluster}")
 
 
 @app.command()
@@ -118,28 +129,28 @@ def status(url: Url = None, cluster: ClusterName = None,
     import redis
 
     settings = _settings(url, cluster)
-    assert settings.redis_url is not None
+    shown = _shown(settings.redis_url or "")
     try:
         engines = _engines(settings)
     except redis.RedisError as exc:
         raise _fail(f"cannot read cluster {settings.cluster!r}: {exc}") from None
     if as_json:
-        typer.echo(json.dumps({"engines": engines, "cluster": settings.cluster,
-                               "url": settings.redis_url}))
+        typer.echo(json.dumps({"engines": engines, "cluster": settings.cluster, "url": shown}))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"cluster {settings.cluster!r} at {settings.redis_url}")
+    table = Table(title=f"cluster {settings.cluster!r} at {shown}")
     for column in ("id", "host", "pid", "state", "running", "completed", "queued"):
         table.add_column(column, justify="right" if column in ("id", "pid") else "left")
     for e in engines:
-        state = e["state"] if e["alive"] or e["state"] == "dead" else f"{e['state']} (no lease)"
-        running = f"{e['op']} {e['running']}" if e["running"] else ""
-        table.add_row(str(e["id"]), e["host"], str(e["pid"]), state, running,
-                      str(e["completed"]), str(e["queued"]))
-    Console().print(table if engines else f"No engines registered in cluster "
-                                          f"{settings.cluster!r} at {settings.redis_url}.")
+        state = str(e.get("state"))
+        state += "" if e["alive"] or state == "dead" else " (no lease)"
+        running = f"{e['op']} {e['running']}" if e.get("running") else ""
+        table.add_row(str(e["id"]), str(e.get("host")), str(e.get("pid")), state, running,
+                      str(e.get("completed", "")), str(e["queued"]))
+    Console().print(table if engines else
+                    f"No engines registered in cluster {settings.cluster!r} at {shown}.")
 
 
 def _engines(settings: Settings) -> list[dict[str, Any]]:
@@ -150,8 +161,7 @@ def _engines(settings: Settings) -> list[dict[str, Any]]:
     from .registry import engines
 
     keys = Keys(settings.cluster)
-    assert settings.redis_url is not None
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5,
+    with redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
                               socket_timeout=10) as r:
         registered = engines(r, keys)
         pipe = r.pipeline(transaction=False)
@@ -159,11 +169,7 @@ def _engines(settings: Settings) -> list[dict[str, Any]]:
             pipe.xlen(keys.inbox(eid))
             pipe.exists(keys.heartbeat(eid))
         replies = pipe.execute()
-    return [{"id": eid, "state": info.get("state"), "host": info.get("host"),
-             "pid": info.get("pid"), "queued": replies[2 * i],
-             "alive": bool(replies[2 * i + 1]), "running": info.get("running"),
-             "op": info.get("op"), "completed": info.get("completed"),
-             "started": info.get("started")}
+    return [{**info, "id": eid, "queued": replies[2 * i], "alive": bool(replies[2 * i + 1])}
             for i, (eid, info) in enumerate(registered.items())]
 
 
@@ -175,41 +181,41 @@ def demo(n: Annotated[int, typer.Option("-n", "--engines", min=1)] = 2,
     from rich.console import Console
 
     import redisengines
+    from redisengines.errors import ServerStartError
 
     console = Console(highlight=False, soft_wrap=True)
-
-    def say(text: str) -> None:
-        console.print(text, markup=False)
-
-    def step(title: str, what: str) -> None:
-        console.print(f"\n[bold]{title}[/]: {what}")
-
+    say, step = functools.partial(console.print, markup=False), console.print
     t0 = time.monotonic()
     say(f"Starting an embedded Redis-compatible server and {n} engine processes...")
-    settings = Settings.from_env(cluster="demo").replace(redis_url=None)
-    with redisengines.Cluster(n, settings=settings) as cluster:
+    cluster = redisengines.Cluster(n, settings=Settings.from_env(cluster="demo").replace(
+        redis_url=None))
+    try:
+        cluster.start()
+    except ServerStartError as exc:
+        raise _fail(str(exc)) from None
+    with cluster:
         c = cluster.client()
         say(f"  server at {cluster.url} (try redis-cli -u {cluster.url}), engines {c.ids}")
-        step("execute", "run code in every engine; each keeps its own namespace")
+        step("\n[bold]execute[/]: run code in every engine; each keeps its own namespace")
         c.execute("import os; pid = os.getpid()")
         say(f"  c.pull('pid') -> {c.pull('pid')}")
-        step("push / pull", "send objects in, get results out")
+        step("\n[bold]push / pull[/]: send objects in, get results out")
         c.push({"x": 21})
         c.execute("y = x * 2")
         say(f"  c.push({{'x': 21}}); c.execute('y = x * 2'); c.pull('y', targets=0) -> "
             f"{c.pull('y', targets=0)}")
-        step("scatter / gather", "split a list over the engines, sum on each")
+        step("\n[bold]scatter / gather[/]: split a list over the engines, sum on each")
         c.scatter("chunk", list(range(100)))
         c.execute("part = sum(chunk)")
         parts = c.pull("part")
         say(f"  sums per engine {parts}, total {sum(parts.values())} (= sum(range(100)))")
         say(f"  c.gather('chunk')[:5] -> {c.gather('chunk')[:5]}")
-        step("remote errors", "raised on the client as the original class")
+        step("\n[bold]remote errors[/]: raised on the client as the original class")
         try:
             c.execute("1 / 0", targets=0)
         except ZeroDivisionError as err:
             say(f"  except ZeroDivisionError as err: {err}  (err.engine_id == {err.engine_id})")
-        step("non-blocking calls", "block=False returns a PendingResult (a Future)")
+        step("\n[bold]non-blocking calls[/]: block=False returns a PendingResult (a Future)")
         f = c.execute("import time; time.sleep(0.5); print('slept')", targets=0, block=False)
         say(f"  {type(f).__name__} done={f.done()}")
         try:

@@ -140,5 +140,5 @@ def describe(value: Any) -> dict[str, Any]:
         except Exception:
             nbytes = -1
     t = type(value)
-    return {"type": t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}",
-            "size": nbytes}
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    return {"type": name, "size": nbytes}

@@ -8,8 +8,8 @@ it (``BLOCK_SECONDS``), so that a half-open socket is noticed instead of hanging
 from __future__ import annotations
 
 import socket
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff

@@ -144,7 +144,7 @@ class Client:
         return live
 
     def verify_targets(self, targets: Targets) -> list[int]:
-        """The ids ``targets`` names; raises :class:`InvalidTargetError` for any that is not live."""
+        """The ids ``targets`` names; :class:`InvalidTargetError` for any that is not live."""
         return self._targets(targets)[0]
 
     def _targets(self, targets: Targets) -> tuple[list[int], bool]:
@@ -160,7 +160,11 @@ class Client:
                 raise InvalidTargetError(f"no live engines in cluster {self.cluster!r}")
             return ids, False
         single = isinstance(targets, int) and not isinstance(targets, bool)
-        wanted = [targets] if single else list(targets)  # type: ignore[list-item]
+        try:
+            wanted = [targets] if single else list(targets)  # type: ignore[list-item]
+        except TypeError:
+            raise InvalidTargetError(f"targets must be an int, a list of ints or 'all', "
+                                     f"not {targets!r}") from None
         if not single and not wanted:
             raise InvalidTargetError("empty list of targets")
         for t in wanted:
@@ -452,6 +456,10 @@ class Client:
             raise _missing_result(eid, f"the result of command {i} ({cmd_id}) on engine {eid} "
                                        "has expired")
         ok, value = self._outcome(fields, eid, release=False)
+        if not ok and isinstance(value, ObjectLostError) and b"obj" in fields:
+            value = ObjectLostError(
+                f"the value of command {i} ({cmd_id}) on engine {eid} was a large object, "
+                "released once its caller had read it")
         code = fields.get(b"code")
         return Result(
             engine_id=eid, id=cmd_id, op=fields.get(b"op", b"").decode(),

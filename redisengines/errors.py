@@ -60,7 +60,7 @@ class ObjectTooBigError(RedisEnginesError):
     """Raised when a serialized object is larger than ``max_object_size``."""
 
     def __init__(self, message: str = "", *, size: int = 0, limit: int = 0) -> None:
-        super().__init__(message or f"object of {size:,} bytes exceeds the limit of {limit:,} bytes")
+        super().__init__(message or f"object of {size:,} bytes exceeds the limit of {limit:,}")
         self.size = size
         self.limit = limit
 

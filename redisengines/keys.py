@@ -3,26 +3,29 @@
 Keys one engine touches together share the hash tag ``{e<id>}`` so that they stay on one
 slot under Redis Cluster; an object's pages share ``{o<oid>}``.
 
-==========================  ==============  ===========  =========  ====================================
-key                         type            written by   TTL        what an operator reads there
-==========================  ==============  ===========  =========  ====================================
-``P:engines``               hash            engines      none       engine id -> JSON (host, pid, state…)
-``P:next_id``               string (int)    engines      none       last engine id handed out, plus one
-``P:events``                stream, capped  all          none       registrations, exits, deaths
-``P:{e<id>}:inbox``         stream          clients      none       queued commands; group ``engine``;
-                                                                    XLEN = queued + running,
-                                                                    XPENDING = running
-``P:{e<id>}:ctl``           stream, capped  clients      none       out-of-band control (kill)
-``P:{e<id>}:hb``            string          engine       lease      heartbeat; missing = presumed dead
-``P:{e<id>}:ns``            hash            engine       none       namespace index: name -> JSON type, size
-``P:{e<id>}:done``          stream, capped  engine       none       completed commands; entry id
-                                                                    ``<n>-0`` is the n-th command
-``P:{r<cmd>}``              hash            engine       result     a result: status, value or object
-                                                                    ref, error, stdout, timings
-``P:{c<client>}:replies``   stream          engines      none       completion notices for one client
-``P:{o<oid>}``              hash            both         result     manifest of a paged object
-``P:{o<oid>}:<n>``          string          both         result     page n of that object
-==========================  ==============  ===========  =========  ====================================
+=========================  =============  =======  ======================================
+key                        type           TTL      what an operator reads there
+=========================  =============  =======  ======================================
+``P:engines``              hash           none     engine id -> JSON (host, pid, state…)
+``P:next_id``              string (int)   none     the next engine id (never reused)
+``P:events``               stream, capped none     registrations, exits, deaths
+``P:{e<id>}:inbox``        stream         none     queued commands; group ``engine``;
+                                                   XLEN = queued + running,
+                                                   XPENDING = running
+``P:{e<id>}:ctl``          stream, capped none     out-of-band control (kill)
+``P:{e<id>}:hb``           string         lease    heartbeat; missing = presumed dead
+``P:{e<id>}:ns``           hash           none     namespace index: name -> type, size
+``P:{e<id>}:done``         stream, capped none     completed commands; entry ``<n>-0``
+                                                   is the n-th command
+``P:{r<cmd>}``             hash           result   a result: status, value or object ref,
+                                                   error, stdout, timings
+``P:{c<client>}:replies``  stream         result   completion notices for one client
+``P:{o<oid>}``             hash           result   manifest of a paged object
+``P:{o<oid>}:<n>``         string         result   page n of that object
+=========================  =============  =======  ======================================
+
+Engines write their own keys, results, notices and the registry; clients write inboxes,
+control entries and pushed objects; anyone may run ``retire.lua`` on an expired lease.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ The connection file is ``<home>/<cluster>.json``, mode 0600, where home is
     {"url": "redis://127.0.0.1:43127/0", "cluster": "default", "pid": 4242, "started": 1.7e9}
 
 ``pid`` is the supervisor's. :func:`redisengines.connect` falls back to this file when it is
-given no URL. The supervisor's stderr (and its engines') goes to ``<home>/<cluster>.log``.
+given no URL. The supervisor's stderr (and its engines') goes to ``<home>/<cluster>.log``;
+the engines run in the directory ``start`` was run from. POSIX only (sessions, signals).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def start_background(n: int, settings: Settings, *, verbose: bool = False,
     logfile = log_path(settings.cluster)
     logfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    offset = os.fstat(fd).st_size  # show only what this run logs
     args = [sys.executable, "-m", "redisengines.runfile", str(n)] + (["-v"] if verbose else [])
     env = {**os.environ, **settings.to_env()}
     try:
@@ -162,7 +164,9 @@ def start_background(n: int, settings: Settings, *, verbose: bool = False,
     except subprocess.TimeoutExpired:
         proc.kill()
         code = proc.wait()
-    tail = "".join(logfile.read_text(errors="replace").splitlines(keepends=True)[-15:])
+    with open(logfile, "rb") as f:
+        f.seek(offset)
+        tail = b"".join(f.read().splitlines(keepends=True)[-15:]).decode(errors="replace")
     what = f"was not ready within {timeout} s" if not ready else f"exited with code {code}"
     raise (TimeoutError if not ready else RuntimeError)(
         f"the supervisor of cluster {settings.cluster!r} {what}; end of {logfile}:\n{tail}")
@@ -211,7 +215,10 @@ def supervise(n: int, settings: Settings) -> int:
 
     Announces readiness by writing the connection file's JSON as one line to stdout.
     """
+    import redis
+
     from .cluster import Cluster
+    from .errors import RedisEnginesError
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -221,7 +228,11 @@ def supervise(n: int, settings: Settings) -> int:
     os.dup2(devnull, 1)
     os.close(devnull)
     cluster = Cluster(n, url=settings.redis_url, settings=settings)
-    cluster.start()
+    try:
+        cluster.start()
+    except (RedisEnginesError, redis.RedisError, OSError, TimeoutError) as exc:
+        log.error("cluster %r did not start: %s: %s", settings.cluster, type(exc).__name__, exc)
+        return 1
     info = RunInfo(url=cluster.url, cluster=cluster.name, pid=os.getpid(), started=time.time())
     try:
         try:
@@ -233,7 +244,7 @@ def supervise(n: int, settings: Settings) -> int:
         if cluster.server is not None and cluster.server.proc is not None:
             server = cluster.server.proc
             threading.Thread(target=lambda: (server.wait(), stop.set()), daemon=True).start()
-        log.info("cluster %r: %d engines at %s", info.cluster, n, info.url)
+        log.info("cluster %r: %d engines running", info.cluster, n)
         announce.write(json.dumps(asdict(info)) + "\n")
         announce.close()
         stop.wait()

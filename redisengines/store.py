@@ -129,7 +129,8 @@ class ObjectStore:
                 if data is None or len(data) != end - start:
                     got = "missing" if data is None else f"{len(data)} bytes"
                     raise ObjectLostError(
-                        f"object {oid}: page {batch_start + i} is {got}, expected {end - start} bytes")
+                        f"object {oid}: page {batch_start + i} is {got}, "
+                        f"expected {end - start} bytes")
                 views[seg][start:end] = data
         return [views[0], *buffers[1:]]
 
@@ -147,7 +148,8 @@ class ObjectStore:
             man = self.manifest(oid)
         except ObjectLostError:
             return
-        self.r.delete(self.keys.manifest(oid), *(self.keys.page(oid, n) for n in range(man["pages"])))
+        pages = (self.keys.page(oid, n) for n in range(man["pages"]))
+        self.r.delete(self.keys.manifest(oid), *pages)
 
 
 def _batches(items: list[Any], size: int) -> Iterator[tuple[int, list[Any]]]:

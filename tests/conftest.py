@@ -12,6 +12,8 @@ import redis
 import redisengines
 from redisengines.server import EmbeddedServer
 
+from .helpers import Gate
+
 # Short leases so that death detection tests take seconds, not the default 6 s.
 FAST = {"heartbeat_interval": 0.25, "heartbeat_ttl": 1.5}
 
@@ -79,3 +81,22 @@ def cluster(make_cluster: ClusterFactory) -> redisengines.Cluster:
 @pytest.fixture
 def client(cluster: redisengines.Cluster) -> redisengines.Client:
     return cluster.client()
+
+
+@pytest.fixture
+def gates(r: redis.Redis, server_url: str,
+          make_cluster: ClusterFactory) -> Iterator[Callable[[], Gate]]:
+    """A factory of :class:`Gate`; every gate is opened at teardown so engines stop quickly.
+
+    Depends on ``make_cluster`` so that gates open before the clusters are stopped.
+    """
+    made: list[Gate] = []
+
+    def make() -> Gate:
+        gate = Gate(r, server_url)
+        made.append(gate)
+        return gate
+
+    yield make
+    for gate in made:
+        gate.open()

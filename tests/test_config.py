@@ -1,9 +1,9 @@
 import pytest
 
 from redisengines.config import Settings
+from redisengines.errors import ProtocolError
 from redisengines.keys import Keys
 from redisengines.protocol import Command, entry
-from redisengines.errors import ProtocolError
 
 
 def test_from_env_reads_prefixed_variables(monkeypatch: pytest.MonkeyPatch) -> None:

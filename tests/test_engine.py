@@ -16,7 +16,7 @@ import redis
 import redisengines
 from redisengines import EngineDiedError, EngineShutdownError, ProtocolError
 
-from .waiting import wait_until
+from .helpers import wait_until
 
 LONG = "import time; time.sleep(60)"
 

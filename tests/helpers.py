@@ -1,0 +1,90 @@
+"""Helpers shared by the tests: waiting on conditions, holding an engine busy, interactive code.
+
+The ``gates`` fixture (a factory of :class:`Gate`) is in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+import redisengines
+
+T = TypeVar("T")
+
+# Longest an engine stays held if a test never opens its gate (teardown always opens it).
+HOLD_LIMIT = 30
+WAIT = 10.0  # generous bound for anything that should happen at once
+
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Return the first truthy value of ``condition()``; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def interactive(obj: T) -> T:
+    """Mark a function or class as defined interactively (in ``__main__``, as in a notebook).
+
+    cloudpickle then sends it by value, and ``apply`` runs such functions with the engine's
+    namespace as their globals. A function of this (importable) test module would otherwise
+    be pickled by reference, which an engine cannot import.
+    """
+    obj.__module__ = "__main__"
+    return obj
+
+
+class Gate:
+    """A command that keeps an engine busy until the test opens the gate.
+
+    The engine announces that the command has started by pushing to a Redis list, and then
+    blocks on another list: the test waits on the first with BLPOP (no polling, no sleeps)
+    and ends the command with :meth:`open`.
+    """
+
+    def __init__(self, r: redis.Redis, url: str) -> None:
+        tag = uuid.uuid4().hex
+        self.r = r
+        self.started_key = f"test:gate:{tag}:started"
+        self.open_key = f"test:gate:{tag}:open"
+        connect = f"__import__('redis').Redis.from_url({url!r})"
+        # No names are left in the engine's namespace.
+        self.code = (f"{connect}.rpush({self.started_key!r}, 1)\n"
+                     f"{connect}.blpop([{self.open_key!r}], {HOLD_LIMIT})\n")
+
+    def hold(self, client: redisengines.Client, target: int) -> redisengines.PendingResult:
+        """Run the held command on ``target``; returns once it is running there."""
+        future = client.execute(self.code, targets=target, block=False)
+        self.wait_started()
+        return future
+
+    def wait_started(self, timeout: float = WAIT) -> None:
+        assert self.r.blpop([self.started_key], timeout=timeout) is not None, \
+            "the held command did not start on its engine"
+
+    def open(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.open_key, 1)
+        pipe.expire(self.open_key, HOLD_LIMIT)
+        pipe.delete(self.started_key)
+        pipe.execute()
+
+
+def inbox_last_id(r: redis.Redis, cluster_name: str, engine_id: int) -> bytes | None:
+    """Id of the last entry ever added to an engine's inbox (None if the stream is empty)."""
+    key = f"re:{cluster_name}:{{e{engine_id}}}:inbox"
+    if not r.exists(key):
+        return None
+    return r.xinfo_stream(key)["last-generated-id"]

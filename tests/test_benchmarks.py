@@ -1,0 +1,61 @@
+"""The benchmark script runs end to end (tiny sizes) and writes its figures; no timing checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED = [
+    f"w1.{t}.{name}" for t in ("tcp", "unix")
+    for name in ("redis_ping", "raw_pingpong", "execute", "apply",
+                 "execute_over_raw_pingpong", "apply_over_raw_pingpong")
+] + [
+    f"throughput.{t}.apply" for t in ("tcp", "unix")
+] + [
+    f"bandwidth.{t}.{name}.{unit}" for t in ("tcp", "unix")
+    for name in ("push", "pull", "push_all", "raw_set", "raw_get")
+    for unit in ("seconds", "gbps")
+]
+
+RQ_FIGURES = ["peer.rq.round_trip", "peer.rq.throughput", "peer.rq.apply_latency_over_rq",
+              "peer.rq.apply_throughput_over_rq"]
+
+
+def rq_installed() -> bool:
+    try:
+        import rq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(240)
+def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "figures.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_core", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    figures = {}
+    for line in out.read_text().splitlines():
+        record = json.loads(line)
+        figures[record["name"]] = record
+    expected = EXPECTED + (RQ_FIGURES if rq_installed() else [])
+    missing = [name for name in expected if name not in figures]
+    assert not missing, f"missing figures: {missing}"
+    for record in figures.values():
+        value = record["value"]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, record
+        if "p90" in record:
+            assert record["p90"] > 0, record
+    if not rq_installed():
+        assert "rq: not installed" in proc.stdout
+    assert "W1 latency over tcp" in proc.stdout
