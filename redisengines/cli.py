@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import time
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlsplit
 
 import typer
@@ -128,10 +128,15 @@ def status(url: Url = None, cluster: ClusterName = None,
     _logging(verbose)
     import redis
 
+    from .keys import Keys
+    from .registry import status as registry_status
+
     settings = _settings(url, cluster)
     shown = _shown(settings.redis_url or "")
     try:
-        engines = _engines(settings)
+        with redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
+                                  socket_timeout=10) as r:
+            engines = registry_status(r, Keys(settings.cluster))
     except redis.RedisError as exc:
         raise _fail(f"cannot read cluster {settings.cluster!r}: {exc}") from None
     if as_json:
@@ -151,26 +156,6 @@ def status(url: Url = None, cluster: ClusterName = None,
                       str(e.get("completed", "")), str(e["queued"]))
     Console().print(table if engines else
                     f"No engines registered in cluster {settings.cluster!r} at {shown}.")
-
-
-def _engines(settings: Settings) -> list[dict[str, Any]]:
-    """Registry entries plus queue depth (XLEN of the inbox) and lease, without reaping."""
-    import redis
-
-    from .keys import Keys
-    from .registry import engines
-
-    keys = Keys(settings.cluster)
-    with redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=5,
-                              socket_timeout=10) as r:
-        registered = engines(r, keys)
-        pipe = r.pipeline(transaction=False)
-        for eid in registered:
-            pipe.xlen(keys.inbox(eid))
-            pipe.exists(keys.heartbeat(eid))
-        replies = pipe.execute()
-    return [{**info, "id": eid, "queued": replies[2 * i], "alive": bool(replies[2 * i + 1])}
-            for i, (eid, info) in enumerate(registered.items())]
 
 
 @app.command()

@@ -185,3 +185,26 @@ def test_engines_started_later_join_all(cluster, client) -> None:
     assert client.execute("a = 1") == {0: None, 1: None, 2: None}
     client.kill(targets=2)
     assert client.execute("a = 2") == {0: None, 1: None}
+
+
+def test_ctrl_c_in_the_owning_script_stops_everything(tmp_path) -> None:
+    """SIGINT (Ctrl-C) in a script inside `with Cluster(...)`: engines and server are stopped."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent("""
+        import json, time
+        import redisengines
+        with redisengines.Cluster(n=2) as cluster:
+            pids = [p.pid for p in cluster.processes.values()] + [cluster.server.proc.pid]
+            print(json.dumps(pids), flush=True)
+            time.sleep(60)
+    """))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(owner.stdout.readline())
+        owner.send_signal(signal.SIGINT)
+        _, err = owner.communicate(timeout=15)
+        assert "KeyboardInterrupt" in err
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        owner.kill()
