@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from .config import Settings
+from .connection import bulk_client
 from .errors import DeserializationError, ObjectLostError
 from .keys import Keys
 from .scripts import Scripts
@@ -46,6 +47,7 @@ class ObjectStore:
 
     def __init__(self, r: redis.Redis, keys: Keys, settings: Settings, scripts: Scripts) -> None:
         self.r = r
+        self._bulk: redis.Redis | None = None
         self.keys = keys
         self.settings = settings
         self.scripts = scripts
@@ -93,7 +95,9 @@ class ObjectStore:
         }
         if refs is not None:
             manifest["refs"] = refs
-        pipe = self.r.pipeline(transaction=False)
+        if self._bulk is None:
+            self._bulk = bulk_client(self.r)
+        pipe = self._bulk.pipeline(transaction=False)
         for n, (seg, start, end) in enumerate(pages):
             pipe.set(self.keys.page(oid, n), ser.segments[seg][start:end], px=ttl_ms)
         mkey = self.keys.manifest(oid)
