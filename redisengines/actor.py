@@ -83,7 +83,7 @@ class Engine:
     def register(self) -> int:
         info = self._info()
         self.id = int(self.scripts.register(
-            keys=[self.keys.next_id, self.keys.engines, self.keys.events],
+            keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks],
             args=[self.keys.prefix, self._ttl_ms(), json.dumps(info)]))
         self.namespace = Namespace(self.id, self.store)
         # Loaded now: a NOSCRIPT for complete.lua would only come back after the
@@ -150,12 +150,15 @@ class Engine:
         # would leave an entry delivered by the lost attempt unseen in our PEL.
         self._loop_r = connect(self.settings.redis_url, retries=0, pool_size=1,
                                name=f"{self.keys.prefix}:e{self.id}:loop")
-        inbox = self.keys.inbox(self.id)
+        inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
         complete: list[Any] | None = None
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
         failures = 0
+        # Entries read but not yet run: at most one per stream, because a read asks for one
+        # entry per stream and only happens when this is empty (no greedy prefetch).
+        ready: list[tuple[str, bytes, dict[bytes, bytes] | None]] = []
         while True:
             stopping = self._stopping.is_set()  # still complete what ran, read nothing more
             pipe = self._loop_r.pipeline(transaction=False)
@@ -163,8 +166,9 @@ class Engine:
                 pipe.evalsha(self.scripts.complete.sha, 5, *complete)
             elif stopping:
                 return
-            if not stopping:
-                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor}, count=1,
+            reading = not stopping and not ready
+            if reading:
+                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor, tasks: cursor}, count=1,
                                 block=None if cursor == "0" else block_ms)
             try:
                 replies = pipe.execute(raise_on_error=False)
@@ -174,12 +178,14 @@ class Engine:
                 log.warning("engine %d: Redis unreachable (%s); retry %d", self.id, exc, failures)
                 time.sleep(min(2.0, 0.05 * 2 ** failures))
                 cursor = "0"  # re-read what a lost reply may have delivered to us
+                ready.clear()
                 continue
             if complete is not None:
                 done = replies[0]
                 if isinstance(done, NoScriptError):
                     self.r.script_load(self.scripts.complete.script)
                     cursor = "0"  # what the read delivered is re-read from our PEL
+                    ready.clear()
                     continue
                 if isinstance(done, Exception):
                     raise done
@@ -189,24 +195,32 @@ class Engine:
                 complete = None
             if stopping:
                 return
-            read = replies[-1]
-            if isinstance(read, ResponseError):
-                if "NOGROUP" in str(read):
-                    if not self._killed.is_set():  # a kill removes the inbox on purpose
+            if reading:
+                read = replies[-1]
+                if isinstance(read, ResponseError):
+                    if "NOGROUP" not in str(read):
+                        raise read
+                    if self._killed.is_set():  # a kill removes the inbox on purpose
+                        return
+                    if not self.r.exists(inbox):
                         self._fenced("inbox removed")
-                    return
-                raise read
-            entries = read[0][1] if read else []
-            if not entries:
-                cursor = ">"
-                continue
-            entry_id, fields = entries[0]
+                        return
+                    self.r.xgroup_create(tasks, ENGINE_GROUP, id="0", mkstream=True)
+                    continue
+                # A load-balanced task first: holding it while we run our own command
+                # would keep it from an idle engine.
+                for stream, entries in sorted(read or [], key=lambda s: s[0] != tasks.encode()):
+                    ready += [(stream.decode(), eid, f) for eid, f in entries]
+                if not ready:
+                    cursor = ">"
+                    continue
+            stream, entry_id, fields = ready.pop(0)
             if fields is None:  # deleted while pending (clear_queue cannot do this; be safe)
-                self._loop_r.xack(inbox, ENGINE_GROUP, entry_id)
+                self._loop_r.xack(stream, ENGINE_GROUP, entry_id)
                 continue
-            complete = self._run(entry_id.decode(), fields)
+            complete = self._run(stream, entry_id.decode(), fields)
 
-    def _run(self, entry_id: str, fields: dict[bytes, bytes]) -> list[Any]:
+    def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> list[Any]:
         """Run one entry; returns the arguments of ``complete.lua``."""
         self.seq += 1
         started = time.time()
@@ -218,7 +232,7 @@ class Engine:
             record = error_record(ProtocolError(str(exc)), engine_id=self.id, op="invalid",
                                   cmd_id=cmd_id)
             result = {"status": "error", "error": json.dumps(record)}
-            return self._complete_args(entry_id, cmd_id or f"invalid-{entry_id}", client,
+            return self._complete_args(stream, entry_id, cmd_id or f"invalid-{entry_id}", client,
                                        "invalid", result, started)
         self._current = (cmd.id, cmd.op, started)
         out, err = io.StringIO(), io.StringIO()
@@ -241,7 +255,7 @@ class Engine:
         result["stderr"] = _cap(err.getvalue())
         if cmd.op == "execute":
             result["code"] = cmd.fields.get(b"code", b"")
-        return self._complete_args(entry_id, cmd.id, cmd.client, cmd.op, result, started)
+        return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
 
     def _error_fields(self, exc: BaseException, cmd: Command) -> dict[str, Any]:
         tb = exc.__traceback__
@@ -256,8 +270,8 @@ class Engine:
             fields["exc"] = pickled
         return fields
 
-    def _complete_args(self, entry_id: str, cmd_id: str, client: str | None, op: str,
-                       result: dict[str, Any], started: float) -> list[Any]:
+    def _complete_args(self, stream: str, entry_id: str, cmd_id: str, client: str | None,
+                       op: str, result: dict[str, Any], started: float) -> list[Any]:
         result.update(engine=self.id, op=op, started=started, finished=time.time())
         flat: list[Any] = []
         size = 0
@@ -266,7 +280,7 @@ class Engine:
             size += len(v) if isinstance(v, (bytes, str)) else 8
         notify = 0 if client is None else (1 if size <= _NOTICE_INLINE_MAX else 2)
         keys = self.keys
-        return [keys.inbox(self.id), keys.heartbeat(self.id), keys.done(self.id),
+        return [stream, keys.heartbeat(self.id), keys.done(self.id),
                 keys.result(cmd_id), keys.replies(client or "-"),
                 entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
                 notify, op, result["status"], *flat]

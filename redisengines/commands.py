@@ -1,8 +1,9 @@
-"""What each command does to an engine's namespace.
+"""What each command does on an engine: its namespace, and the actors living there.
 
 The namespace is a plain dict, the globals of everything ``execute`` runs. Functions sent
 with ``apply`` that were defined interactively (in ``__main__``) run with the namespace
-as their globals, so they see what ``execute`` and ``push`` put there.
+as their globals, so they see what ``execute`` and ``push`` put there. Remote functions
+(``call``) run as they are. Actors are objects kept by id beside the namespace.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .errors import DeserializationError
-from .protocol import Command
+from .errors import ActorDiedError, DeserializationError, ObjectLostError, error_from_fields
+from .protocol import Command, FutureRef
 from .serialization import to_pickle
 from .store import ObjectStore
 
@@ -32,6 +33,8 @@ class Namespace:
         self.engine_id = engine_id
         self.store = store
         self.user: dict[str, Any] = {}
+        self.actors: dict[str, Any] = {}
+        self._gone: dict[str, str] = {}  # actor id -> why it is not there (killed, failed)
         self._sources: deque[str] = deque()
         self.reset()
 
@@ -117,6 +120,55 @@ class Namespace:
     def reset_op(self, cmd: Command) -> None:
         self.reset()
 
+    # ------------------------------------------------------- remote functions, actors
+    def resolve(self, value: Any) -> Any:
+        """The value a :class:`FutureRef` stands for, read from its stored result."""
+        if not isinstance(value, FutureRef):
+            return value
+        fields = self.store.r.hgetall(self.store.keys.result(value.cmd_id))
+        if not fields:
+            raise ObjectLostError(f"the result of {value.cmd_id}, passed as an argument, "
+                                  "is gone (expired or never stored)")
+        if fields.get(b"status") != b"ok":
+            raise error_from_fields(fields)
+        return self.store.decode(fields, what=f"result of {value.cmd_id}")
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[list[Any], dict[str, Any]]:
+        return [self.resolve(a) for a in args], {k: self.resolve(v) for k, v in kwargs.items()}
+
+    def call(self, cmd: Command) -> Any:
+        # Payloads of calls and actors are released by their client, not here: a task is
+        # re-queued if this engine dies, and its next engine must still find them.
+        f, args, kwargs = self.store.decode(cmd.fields, what="remote call")
+        args, kwargs = self._arguments(args, kwargs)
+        return f(*args, **kwargs)
+
+    def actor_new(self, cmd: Command) -> None:
+        aid = cmd.text("actor")
+        try:
+            cls, args, kwargs = self.store.decode(cmd.fields, what="actor class")
+            args, kwargs = self._arguments(args, kwargs)
+            self.actors[aid] = cls(*args, **kwargs)
+        except BaseException as exc:
+            self._gone[aid] = f"failed to start: {type(exc).__name__}: {exc}"
+            raise
+
+    def actor_call(self, cmd: Command) -> Any:
+        aid = cmd.text("actor")
+        instance = self.actors.get(aid)
+        if instance is None:
+            why = self._gone.get(aid, f"is not on engine {self.engine_id}")
+            raise ActorDiedError(f"actor {aid} {why}", engine_id=self.engine_id)
+        args, kwargs = self.store.decode(cmd.fields, what="actor call")
+        args, kwargs = self._arguments(args, kwargs)
+        return getattr(instance, cmd.text("method"))(*args, **kwargs)
+
+    def actor_del(self, cmd: Command) -> None:
+        aid = cmd.text("actor")
+        self.actors.pop(aid, None)
+        self._gone[aid] = "was killed"
+
 
 HANDLERS: dict[str, Callable[[Namespace, Command], Any]] = {
     "execute": Namespace.execute,
@@ -128,6 +180,10 @@ HANDLERS: dict[str, Callable[[Namespace, Command], Any]] = {
     "pull_namespace": Namespace.pull_namespace,
     "keys": Namespace.keys,
     "reset": Namespace.reset_op,
+    "call": Namespace.call,
+    "actor_new": Namespace.actor_new,
+    "actor_call": Namespace.actor_call,
+    "actor_del": Namespace.actor_del,
 }
 
 

@@ -9,11 +9,13 @@ engine's control stream.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import sys
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as futures_wait
@@ -32,9 +34,10 @@ from .errors import (
     InvalidTargetError,
     ObjectLostError,
     SerializationError,
+    error_from_fields,
     error_from_record,
 )
-from .futures import Finalize, PendingResult, ReplyListener, completed, decode_error
+from .futures import Finalize, PendingResult, ReplyListener, completed
 from .keys import ENGINE_GROUP, Keys
 from .protocol import entry
 from .scripts import Scripts
@@ -97,6 +100,9 @@ class Client:
         self._lock = threading.Lock()
         self._known: set[int] = set()
         self._closed = False
+        # Paged objects of results whose PendingResult was garbage collected; the reply
+        # listener releases them (finalizers must not do I/O in whatever thread runs GC).
+        self._unreferenced: collections.deque[str] = collections.deque()
         with translate_errors("connect"):
             events_from = registry.last_event_id(self.r, self.schema)
             self.get_ids()
@@ -208,7 +214,7 @@ class Client:
             raise RuntimeError("this client is closed")
         eids, single = ids or self._targets(targets)
         cmd_ids = {eid: self._new_id() for eid in eids}
-        pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
+        pending = self._pending(op, cmd_ids, single=single, finalize=finalize)
         for eid, cmd_id in cmd_ids.items():
             self._listener.expect(cmd_id, pending, eid)
         pipe = self.r.pipeline(transaction=False)
@@ -223,23 +229,24 @@ class Client:
             raise
         return self._finish(pending, block, timeout)
 
+    def _pending(self, op: str, cmd_ids: dict[int, str], *, single: bool,
+                 finalize: Finalize | None = None) -> PendingResult:
+        """A PendingResult whose large values are released once it is garbage collected."""
+        pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
+        weakref.finalize(pending, self._unreferenced.extend, pending._objects)
+        return pending
+
     @staticmethod
     def _finish(pending: PendingResult, block: bool, timeout: float | None) -> Any:
         return pending.result(timeout) if block else pending
 
-    def _outcome(self, fields: dict[bytes, bytes], engine_id: int,
-                 release: bool = True) -> tuple[bool, Any]:
-        """``(ok, value or exception)`` for a result's fields.
-
-        ``release`` drops the reference to a large result's pages once read (the
-        submitter's read, on the listener thread); ``get_result`` reads without releasing.
-        """
+    def _outcome(self, fields: dict[bytes, bytes], engine_id: int) -> tuple[bool, Any]:
+        """``(ok, value or exception)`` for a result's fields."""
         if fields.get(b"status") != b"ok":
-            return False, decode_error(fields)
+            return False, error_from_fields(fields)
         op = fields.get(b"op", b"").decode()
         try:
-            return True, self.store.decode(fields, what=f"result of {op} from engine {engine_id}",
-                                           release=release)
+            return True, self.store.decode(fields, what=f"result of {op} from engine {engine_id}")
         except (DeserializationError, ObjectLostError) as exc:
             exc.engine_id = engine_id  # type: ignore[attr-defined]
             return False, exc
@@ -363,7 +370,7 @@ class Client:
         """Stop engines at once (even busy ones); what they held fails with EngineShutdownError."""
         eids, single = self._targets(targets)
         cmd_ids = {eid: self._new_id() for eid in eids}
-        pending = PendingResult("kill", cmd_ids, single=single)
+        pending = self._pending("kill", cmd_ids, single=single)
         for eid, cmd_id in cmd_ids.items():
             self._listener.expect(cmd_id, pending, eid)
         pipe = self.r.pipeline(transaction=False)
@@ -455,11 +462,11 @@ class Client:
         if not fields:
             raise _missing_result(eid, f"the result of command {i} ({cmd_id}) on engine {eid} "
                                        "has expired")
-        ok, value = self._outcome(fields, eid, release=False)
+        ok, value = self._outcome(fields, eid)
         if not ok and isinstance(value, ObjectLostError) and b"obj" in fields:
             value = ObjectLostError(
                 f"the value of command {i} ({cmd_id}) on engine {eid} was a large object, "
-                "released once its caller had read it")
+                "released when the PendingResult that received it was dropped")
         code = fields.get(b"code")
         return Result(
             engine_id=eid, id=cmd_id, op=fields.get(b"op", b"").decode(),

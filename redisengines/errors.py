@@ -13,7 +13,8 @@ The tree::
     │                                             is also an instance of the original class
     ├── CompositeError                            several targets, at least one failed
     ├── EngineDiedError (also BrokenExecutor)     the engine died holding the command
-    │   └── EngineShutdownError                   the engine was killed or stopped first
+    │   ├── EngineShutdownError                   the engine was killed or stopped first
+    │   └── ActorDiedError                        the actor was killed or its engine is gone
     ├── TimeLimitExceeded (also TimeoutError)     a command ran past its time limit
     ├── QueueFullError                            an engine's inbox is full
     ├── ClusterStateLostError                     the server lost the cluster's state
@@ -89,6 +90,10 @@ class EngineDiedError(RedisEnginesError, BrokenExecutor):
 
 class EngineShutdownError(EngineDiedError):
     """Raised when the engine was killed or shut down before finishing the command."""
+
+
+class ActorDiedError(EngineDiedError):
+    """Raised when calling an actor that was killed, failed to start, or lost its engine."""
 
 
 class TimeLimitExceeded(RedisEnginesError, TimeoutError):
@@ -213,6 +218,7 @@ def _one_line(err: BaseException) -> str:
 _SYSTEM_ERRORS: dict[str, type[BaseException]] = {
     "EngineDiedError": EngineDiedError,
     "EngineShutdownError": EngineShutdownError,
+    "ActorDiedError": ActorDiedError,
     "CancelledError": CancelledError,
     "ProtocolError": ProtocolError,
     "ClusterStateLostError": ClusterStateLostError,
@@ -263,6 +269,15 @@ def pickle_exception(exc: BaseException) -> bytes | None:
         return cloudpickle.dumps(exc.with_traceback(None), protocol=5)
     except Exception:
         return None
+
+
+def error_from_fields(fields: dict[bytes, bytes]) -> BaseException:
+    """The exception described by a stored result's ``error``/``exc`` fields."""
+    try:
+        record = json.loads(fields[b"error"])
+    except (KeyError, ValueError) as exc:
+        return DeserializationError(f"unreadable error record: {exc}")
+    return error_from_record(record, fields.get(b"exc"))
 
 
 def error_from_record(record: dict[str, Any], pickled: bytes | None = None) -> BaseException:

@@ -10,7 +10,6 @@ for results.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -21,13 +20,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .connection import BLOCK_SECONDS, connect
-from .errors import (
-    CompositeError,
-    ConnectionLostError,
-    DeserializationError,
-    RedisEnginesError,
-    error_from_record,
-)
+from .errors import CompositeError, ConnectionLostError, RedisEnginesError
 from .registry import retire
 
 if TYPE_CHECKING:
@@ -64,6 +57,7 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._errors: dict[int, BaseException] = {}
         self._stdout: dict[int, str] = {}
         self._stderr: dict[int, str] = {}
+        self._objects: list[str] = []  # paged values held by this result, released at GC
 
     @property
     def engine_ids(self) -> list[int]:
@@ -211,6 +205,7 @@ class ReplyListener(threading.Thread):
                 if time.monotonic() >= next_check:
                     self._check_leases()
                     next_check = time.monotonic() + interval
+                self._release_unreferenced()
             except redis.ConnectionError as exc:
                 failures += 1
                 if self._closing.is_set():
@@ -258,8 +253,19 @@ class ReplyListener(threading.Thread):
             return
         pending, engine_id = route
         ok, value = self.client._outcome(fields, engine_id)
+        oid = fields.get(b"obj")
+        if ok and oid is not None:
+            pending._objects.append(oid.decode())
         pending._deliver(engine_id, ok, value, _text(fields.get(b"stdout")),
                          _text(fields.get(b"stderr")))
+
+    def _release_unreferenced(self) -> None:
+        queue = self.client._unreferenced
+        oids = []
+        while queue:
+            oids.append(queue.popleft())
+        if oids:
+            self.client.store.release_many(oids)
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
@@ -287,12 +293,3 @@ class ReplyListener(threading.Thread):
 
 def _text(raw: bytes | None) -> str:
     return raw.decode("utf-8", "replace") if raw else ""
-
-
-def decode_error(fields: dict[bytes, bytes]) -> BaseException:
-    """The exception described by a result's ``error``/``exc`` fields."""
-    try:
-        record = json.loads(fields[b"error"])
-    except (KeyError, ValueError) as exc:
-        return DeserializationError(f"unreadable error record: {exc}")
-    return error_from_record(record, fields.get(b"exc"))

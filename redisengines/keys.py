@@ -20,6 +20,9 @@ key                        type           TTL      what an operator reads there
 ``P:{r<cmd>}``             hash           result   a result: status, value or object ref,
                                                    error, stdout, timings
 ``P:{c<client>}:replies``  stream         result   completion notices for one client
+``P:tasks``                stream         none     load-balanced calls; group ``engine``;
+                                                   XLEN = queued + running
+``P:actors``               hash           none     actor name -> JSON (actor id, engine, class)
 ``P:{o<oid>}``             hash           result   manifest of a paged object
 ``P:{o<oid>}:<n>``         string         result   page n of that object
 =========================  =============  =======  ======================================
@@ -56,6 +59,14 @@ class Keys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    @property
+    def tasks(self) -> str:
+        return f"{self.prefix}:tasks"
+
+    @property
+    def actors(self) -> str:
+        return f"{self.prefix}:actors"
 
     def inbox(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:inbox"

@@ -14,7 +14,15 @@ pull                ``names`` (JSON), ``single`` (1: return the value, not a lis
 pull_serialized     ``names`` (JSON), ``single``
 pull_namespace      ``names`` (JSON list, or absent for all)
 keys, reset         nothing more
+call                ``fn``, ``retries`` (re-queues left if the engine dies; in ``P:tasks``),
+                    ``value``/``obj``: (f, args, kwargs)
+actor_new           ``actor`` (id), ``cls``, ``value``/``obj``: (cls, args, kwargs)
+actor_call          ``actor``, ``method``, ``value``/``obj``: (args, kwargs)
+actor_del           ``actor``
 ==================  ======================================================================
+
+Arguments of ``call``, ``actor_new`` and ``actor_call`` may be :class:`FutureRef`: the
+engine replaces each top-level one by the value stored at ``P:{r<cmd_id>}``.
 
 ``size`` gives the byte size of a payload for a human reader. Control entries
 (``P:{e<id>}:ctl``) use the same shape with ``op`` = ``kill``.
@@ -31,8 +39,15 @@ from .errors import ProtocolError
 VERSION = "1"
 OPS = frozenset({
     "execute", "apply", "push", "push_serialized", "pull", "pull_serialized",
-    "pull_namespace", "keys", "reset",
+    "pull_namespace", "keys", "reset", "call", "actor_new", "actor_call", "actor_del",
 })
+
+
+@dataclass(frozen=True)
+class FutureRef:
+    """A reference to the result of command ``cmd_id``, resolved by the engine from Redis."""
+
+    cmd_id: str
 
 
 @dataclass(frozen=True)

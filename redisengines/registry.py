@@ -25,7 +25,7 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
     scripts = scripts or Scripts(r)
     return int(scripts.retire(
         keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
-              keys.ctl(engine_id), keys.namespace(engine_id), keys.done(engine_id)],
+              keys.ctl(engine_id), keys.tasks, keys.namespace(engine_id), keys.done(engine_id)],
         args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000), NONE_FRAME]))
 
 

@@ -143,9 +143,25 @@ class ObjectStore:
 
     def release(self, oid: str) -> None:
         """Drop one reference; the last one deletes the object."""
-        man = self.manifest(oid)
-        page_keys = [self.keys.page(oid, n) for n in range(man["pages"])]
-        self.scripts.release_object(keys=[self.keys.manifest(oid), *page_keys])
+        self.release_many([oid])
+
+    def release_many(self, oids: list[str]) -> None:
+        """Drop one reference to each object (two round trips for any number)."""
+        pipe = self.r.pipeline(transaction=False)
+        for oid in oids:
+            pipe.hget(self.keys.manifest(oid), "pages")
+        counts = pipe.execute()
+        pipe = self.r.pipeline(transaction=False)
+        for oid, pages in zip(oids, counts, strict=True):
+            if pages is None:
+                continue  # already gone
+            keys = [self.keys.manifest(oid), *(self.keys.page(oid, n) for n in range(int(pages)))]
+            pipe.evalsha(self.scripts.release_object.sha, len(keys), *keys)
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:
+            self.r.script_load(self.scripts.release_object.script)
+            self.release_many(oids)
 
     def delete(self, oid: str) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import hashlib
 import pickle
 import time
@@ -20,7 +21,7 @@ from redisengines import (
     Result,
 )
 
-from .helpers import WAIT, interactive
+from .helpers import WAIT, interactive, wait_until
 
 
 # ------------------------------------------------------------------------- targets
@@ -148,16 +149,25 @@ def test_get_result_default_is_last_command_on_each_target(client: Client) -> No
     assert client.get_result(targets=[1])[1].code == "x = 2"
 
 
-def test_get_result_of_a_large_value(client: Client) -> None:
-    """A large result value is released once its caller read it; the record says so."""
+def test_get_result_of_a_large_value(client: Client, r, cluster_name) -> None:
+    """A large result lives while its PendingResult does; then its pages are released."""
     arr = np.arange(500_000, dtype=np.int64)  # 4 MB: stored as a paged object
     client.push({"arr": arr}, targets=0)
     f = client.pull("arr", targets=0, block=False)
     np.testing.assert_array_equal(f.result(timeout=10), arr)
     record = client.get_result(-1, targets=0)
-    assert record.op == "pull" and record.value is None
-    assert isinstance(record.error, redisengines.ObjectLostError)
-    assert "released once its caller had read it" in str(record.error)
+    assert record.error is None
+    np.testing.assert_array_equal(record.value, arr)
+
+    del f, record
+    gc.collect()
+
+    def released() -> BaseException | None:
+        return client.get_result(-1, targets=0).error
+    error = wait_until(released, what="pages released after the future was dropped")
+    assert isinstance(error, redisengines.ObjectLostError)
+    assert "released when the PendingResult" in str(error)
+    assert not r.keys(f"re:{cluster_name}:{{o*")  # no pages left behind
 
 
 # --------------------------------------------------------------- push/pull serialized

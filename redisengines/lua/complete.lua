@@ -1,5 +1,6 @@
 -- complete: store a command's result, notify its client, record it, and ack it; all or nothing.
--- KEYS[1] P:{e<id>}:inbox   KEYS[2] P:{e<id>}:hb   KEYS[3] P:{e<id>}:done
+-- KEYS[1] the entry's stream (P:{e<id>}:inbox or P:tasks)   KEYS[2] P:{e<id>}:hb
+-- KEYS[3] P:{e<id>}:done
 -- KEYS[4] P:{r<cmd>}        KEYS[5] P:{c<client>}:replies
 -- ARGV[1] stream entry id   ARGV[2] command id   ARGV[3] sequence number n (done entry n-0)
 -- ARGV[4] result TTL (ms)   ARGV[5] done history length   ARGV[6] notify: 0 none, 1 full, 2 id only

@@ -1,5 +1,5 @@
 -- register: hand out a fresh engine id and create its inbox, lease and registry entry.
--- KEYS[1] P:next_id   KEYS[2] P:engines   KEYS[3] P:events
+-- KEYS[1] P:next_id   KEYS[2] P:engines   KEYS[3] P:events   KEYS[4] P:tasks
 -- ARGV[1] prefix P    ARGV[2] lease TTL (ms)   ARGV[3] engine info JSON (without id)
 -- Per-engine key names are derived from the new id here, since the id is only known here.
 -- Returns: the new engine id. Ids are never reused, so a dead engine cannot come back as itself.
@@ -7,6 +7,8 @@ local id = redis.call('INCR', KEYS[1]) - 1
 local tag = ARGV[1] .. ':{e' .. id .. '}'
 redis.call('DEL', tag .. ':inbox', tag .. ':ctl', tag .. ':ns', tag .. ':done')
 redis.call('XGROUP', 'CREATE', tag .. ':inbox', 'engine', '$', 'MKSTREAM')
+-- The shared task stream has the same group name, so one XREADGROUP reads both.
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[4], 'engine', '0', 'MKSTREAM')
 redis.call('SET', tag .. ':hb', '1', 'PX', ARGV[2])
 local info = cjson.decode(ARGV[3])
 info['id'] = id
