@@ -14,10 +14,12 @@ __version__ = "0.1.0"
 
 from concurrent.futures import CancelledError
 
+from .api import cancel, get, get_actor, init, kill, put, remote, shutdown, wait
 from .cluster import Cluster
 from .config import Settings
 from .coordinator import Client, Result
 from .errors import (
+    ActorDiedError,
     ClusterStateLostError,
     CompositeError,
     ConnectionLostError,
@@ -36,6 +38,7 @@ from .errors import (
     TimeLimitExceeded,
 )
 from .futures import PendingResult
+from .remote import ActorClass, ActorHandle, RemoteFunction
 
 
 def connect(url: str | None = None, cluster: str | None = None, **settings: object) -> Client:
@@ -63,6 +66,9 @@ def connect(url: str | None = None, cluster: str | None = None, **settings: obje
 
 
 __all__ = [
+    "ActorClass",
+    "ActorDiedError",
+    "ActorHandle",
     "CancelledError",
     "Client",
     "Cluster",
@@ -80,11 +86,21 @@ __all__ = [
     "QueueFullError",
     "RedisEnginesError",
     "RemoteError",
+    "RemoteFunction",
     "Result",
     "SerializationError",
     "ServerStartError",
     "Settings",
     "TimeLimitExceeded",
     "__version__",
+    "cancel",
     "connect",
+    "get",
+    "get_actor",
+    "init",
+    "kill",
+    "put",
+    "remote",
+    "shutdown",
+    "wait",
 ]

@@ -95,6 +95,8 @@ class Engine:
 
     def run(self) -> int:
         """Register, serve until stopped, unregister; returns the process exit code."""
+        from . import api
+        api.engine_settings = self.settings  # remote code may call remote functions too
         if self.id < 0:
             self.register()
         if self.handle_signals:

@@ -13,7 +13,7 @@ import linecache
 import pickle
 import sys
 import types
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +24,8 @@ from .store import ObjectStore
 
 # Source of recent `execute` commands stays in linecache so tracebacks show the lines.
 _SOURCES_KEPT = 200
+# Remote functions and actor classes kept unpickled, by digest.
+_CODE_KEPT = 256
 
 
 class Namespace:
@@ -35,6 +37,7 @@ class Namespace:
         self.user: dict[str, Any] = {}
         self.actors: dict[str, Any] = {}
         self._gone: dict[str, str] = {}  # actor id -> why it is not there (killed, failed)
+        self._code: OrderedDict[str, Any] = OrderedDict()  # digest -> function or class
         self._sources: deque[str] = deque()
         self.reset()
 
@@ -137,17 +140,36 @@ class Namespace:
                    ) -> tuple[list[Any], dict[str, Any]]:
         return [self.resolve(a) for a in args], {k: self.resolve(v) for k, v in kwargs.items()}
 
+    def _unpickled(self, digest: str, blob: bytes) -> Any:
+        """A remote function or actor class, unpickled once per engine (LRU by digest)."""
+        code = self._code.get(digest)
+        if code is None:
+            try:
+                code = pickle.loads(blob)
+            except Exception as exc:
+                raise DeserializationError(
+                    f"cannot unpickle the remote code on engine {self.engine_id}: "
+                    f"{type(exc).__name__}: {exc}") from exc
+            self._code[digest] = code
+            if len(self._code) > _CODE_KEPT:
+                self._code.popitem(last=False)
+        else:
+            self._code.move_to_end(digest)
+        return code
+
     def call(self, cmd: Command) -> Any:
         # Payloads of calls and actors are released by their client, not here: a task is
         # re-queued if this engine dies, and its next engine must still find them.
-        f, args, kwargs = self.store.decode(cmd.fields, what="remote call")
+        digest, blob, args, kwargs = self.store.decode(cmd.fields, what="remote call")
+        f = self._unpickled(digest, blob)
         args, kwargs = self._arguments(args, kwargs)
         return f(*args, **kwargs)
 
     def actor_new(self, cmd: Command) -> None:
         aid = cmd.text("actor")
         try:
-            cls, args, kwargs = self.store.decode(cmd.fields, what="actor class")
+            digest, blob, args, kwargs = self.store.decode(cmd.fields, what="actor class")
+            cls = self._unpickled(digest, blob)
             args, kwargs = self._arguments(args, kwargs)
             self.actors[aid] = cls(*args, **kwargs)
         except BaseException as exc:

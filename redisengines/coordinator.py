@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import logging
 import sys
 import threading
@@ -103,11 +104,14 @@ class Client:
         # Paged objects of results whose PendingResult was garbage collected; the reply
         # listener releases them (finalizers must not do I/O in whatever thread runs GC).
         self._unreferenced: collections.deque[str] = collections.deque()
+        self._actors_placed: collections.Counter[int] = collections.Counter()
         with translate_errors("connect"):
             events_from = registry.last_event_id(self.r, self.schema)
             self.get_ids()
         self._listener = ReplyListener(self, events_from)
         self._listener.start()
+        from .remote import Dispatcher
+        self._dispatcher = Dispatcher(self)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -188,6 +192,25 @@ class Client:
                     f"no live engine with id {', '.join(map(str, missing))} in cluster "
                     f"{self.cluster!r} (live: {sorted(live)})")
         return wanted, single
+
+    def _is_live(self, engine_id: int) -> bool:
+        with self._lock:
+            if engine_id in self._known:
+                return True
+        return engine_id in self.get_ids()
+
+    def _least_loaded(self) -> int:
+        """The live engine with the shortest inbox (ties: fewest actors made here, lowest id)."""
+        eids, _ = self._targets("all")
+        pipe = self.r.pipeline(transaction=False)
+        for eid in eids:
+            pipe.xlen(self.schema.inbox(eid))
+        depth = dict(zip(eids, pipe.execute(), strict=True))
+        with self._lock:
+            placed = self._actors_placed
+            best = min(eids, key=lambda e: (depth[e], placed[e], e))
+            placed[best] += 1
+        return best
 
     def _engine_gone(self, engine_id: int) -> None:
         with self._lock:
@@ -480,6 +503,62 @@ class Client:
     def _answer(out: dict[int, Any], single: bool, block: bool) -> Any:
         value = next(iter(out.values())) if single else out
         return value if block else completed("query", value)
+
+    # ------------------------------------------------- futures, objects, named actors
+    def cancel(self, pending: PendingResult) -> bool:
+        """Cancel a remote call that has not started; it then raises ``CancelledError``.
+
+        Returns False if it already started or finished (a running call is not interrupted).
+        """
+        with translate_errors("cancel"):
+            return self._dispatcher.cancel(pending)
+
+    def put(self, value: Any) -> PendingResult:
+        """Store ``value`` in Redis once; the returned (done) future can be passed to calls."""
+        put_id = self._new_id()
+        ser = serialize(value, what="put value")
+        check_size(ser, self.settings.max_object_size, what="put value")
+        pending = self._pending("put", {-1: put_id}, single=True)
+        fields: dict[str, Any] = {"status": "ok", "op": "put",
+                                  **self.store.fields_for(ser, refs=1)}
+        if "obj" in fields:
+            pending._objects.append(fields["obj"])
+        key = self.schema.result(put_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, int(self.settings.result_ttl * 1000))
+        with translate_errors("put"):
+            pipe.execute()
+        pending.set_result(value)
+        return pending
+
+    def _name_actor(self, handle: Any) -> None:
+        """Record a named actor in ``P:actors``; a live actor's name cannot be taken."""
+        record = json.dumps({"actor": handle.actor_id, "engine": handle.engine_id,
+                             "cls": handle.cls_name, "methods": sorted(handle._methods)})
+        with translate_errors("actor name"):
+            if self.r.hsetnx(self.schema.actors, handle.name, record):
+                return
+            current = self.actor_record(handle.name)
+            if current is not None and self._is_live(current["engine"]):
+                raise ValueError(f"an actor named {handle.name!r} already exists in cluster "
+                                 f"{self.cluster!r} (on engine {current['engine']})")
+            self.r.hset(self.schema.actors, handle.name, record)
+
+    def actor_record(self, name: str) -> dict[str, Any] | None:
+        raw = self.r.hget(self.schema.actors, name)
+        return json.loads(raw) if raw else None
+
+    def _kill_actor(self, handle: Any) -> None:
+        from .remote import _call
+        if handle.name is not None:
+            current = self.actor_record(handle.name)
+            if current is not None and current["actor"] == handle.actor_id:
+                self.r.hdel(self.schema.actors, handle.name)
+        if self._is_live(handle.engine_id):
+            _call(self, "actor_del", target=handle.engine_id, lane=handle.actor_id,
+                  payload=None, what="actor kill", fields={"actor": handle.actor_id}, deps=[],
+                  timeout=None)
 
     # -------------------------------------------------------------------- waiting
     def barrier(self, *pending: Future | Iterable[Future], timeout: float | None = None) -> None:

@@ -224,6 +224,7 @@ _SYSTEM_ERRORS: dict[str, type[BaseException]] = {
     "ClusterStateLostError": ClusterStateLostError,
     "QueueFullError": QueueFullError,
     "TimeLimitExceeded": TimeLimitExceeded,
+    "TimeoutError": TimeoutError,
 }
 
 

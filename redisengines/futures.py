@@ -271,6 +271,10 @@ class ReplyListener(threading.Thread):
         """Reap the engines we wait on whose lease expired; their notices follow."""
         with self._lock:
             waiting = {eid for _, eid in self._routes.values()}
+        if -1 in waiting:  # a load-balanced call may be on any engine
+            waiting.discard(-1)
+            with self.client._lock:
+                waiting |= self.client._known
         if not waiting:
             return
         keys = self.client.schema

@@ -11,7 +11,8 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-NAMES = ("register", "heartbeat", "complete", "retire", "clear_queue", "release_object")
+NAMES = ("register", "heartbeat", "complete", "retire", "clear_queue", "release_object",
+         "cancel")
 
 
 def source(name: str) -> str:
@@ -27,6 +28,7 @@ class Scripts:
     retire: Script
     clear_queue: Script
     release_object: Script
+    cancel: Script
 
     def __init__(self, r: redis.Redis) -> None:
         for name in NAMES:

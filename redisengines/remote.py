@@ -1,0 +1,371 @@
+"""Ray-style remote functions and actors, on the same engines, streams and Redis futures.
+
+* ``f.remote(...)`` goes to the shared stream ``P:tasks``: the first idle engine takes it
+  (group ``engine``, one entry per read, so no engine hoards calls). ``f.options(engine=1)``
+  sends it to that engine's inbox instead.
+* ``Cls.remote(...)`` creates an actor on one engine; ``handle.method.remote(...)`` goes to
+  that engine's inbox, so calls to one actor run one at a time, in the order they were sent.
+* A future passed as an argument travels as a :class:`~redisengines.protocol.FutureRef`:
+  the engine reads the value from Redis, never through the client. A call waits on the
+  client until its future arguments are done (so no engine sits blocked on an upstream
+  call, which could deadlock a small cluster); if one failed, the call fails with its error.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import json
+import threading
+import uuid
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import cloudpickle
+
+from .errors import ActorDiedError, SerializationError, system_record
+from .futures import PendingResult
+from .protocol import FutureRef, entry
+
+if TYPE_CHECKING:
+    from .coordinator import Client
+
+R = TypeVar("R")
+
+# Re-queues of a load-balanced call whose engine died (Ray's default); actors: none.
+DEFAULT_MAX_RETRIES = 3
+# Key of a load-balanced call in a PendingResult's cmd_ids: the engine is not known yet.
+ANY_ENGINE = -1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallOptions:
+    """Per-call options: ``engine`` (run there instead of load-balancing), ``timeout`` (seconds
+    the call may wait, for its arguments and in the queue, before it starts; then it fails
+    with TimeoutError), ``max_retries`` (re-queues if its engine dies), ``name`` (actors)."""
+
+    engine: int | None = None
+    timeout: float | None = None
+    max_retries: int | None = None
+    name: str | None = None
+
+
+class _Pickled:
+    """A function or class pickled once; engines cache the unpickled object by digest."""
+
+    def __init__(self, obj: Any) -> None:
+        try:
+            self.blob = cloudpickle.dumps(obj, protocol=5)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize {getattr(obj, '__qualname__', obj)!r}: "
+                f"{type(exc).__name__}: {exc}") from exc
+        self.digest = hashlib.sha1(self.blob).hexdigest()
+
+
+# ------------------------------------------------------------------------- sending
+@dataclass(eq=False)
+class _Call:
+    pending: PendingResult
+    lane: str  # calls in one lane are sent in order (an actor's calls share one)
+    stream: str
+    fields: dict[str, Any]
+    deps: list[PendingResult]
+    sent: tuple[str, str] | None = None  # (stream, entry id) once sent
+    timer: threading.Timer | None = None
+
+
+class Dispatcher:
+    """Sends a client's calls: each once its future arguments are done, in order per lane."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._lanes: dict[str, collections.deque[_Call]] = {}
+        self._calls: dict[int, _Call] = {}  # id(pending) -> call, until it is settled
+
+    def submit(self, call: _Call, timeout: float | None) -> PendingResult:
+        with self._lock:
+            self._lanes.setdefault(call.lane, collections.deque()).append(call)
+            self._calls[id(call.pending)] = call
+        call.pending.add_done_callback(self._settled)
+        if timeout is not None:
+            call.timer = threading.Timer(timeout, self._expire, (call, timeout))
+            call.timer.daemon = True
+            call.timer.start()
+        for dep in call.deps:
+            dep.add_done_callback(lambda _, lane=call.lane: self._pump(lane))
+        self._pump(call.lane)
+        return call.pending
+
+    def _pump(self, lane: str) -> None:
+        with self._lock:  # sending under the lock keeps each lane in order
+            queue = self._lanes.get(lane)
+            while queue and all(d.done() for d in queue[0].deps):
+                call = queue.popleft()
+                failed = next((d for d in call.deps if d.exception() is not None), None)
+                if failed is not None:
+                    call.pending.set_exception(failed.exception())  # type: ignore[arg-type]
+                    continue
+                try:
+                    self._send(call)
+                except BaseException as exc:  # noqa: B036 - the future must settle
+                    call.pending.set_exception(exc)
+            if queue is not None and not queue:
+                del self._lanes[lane]
+
+    def _send(self, call: _Call) -> None:
+        client = self.client
+        for cmd_id in call.pending.cmd_ids.values():
+            client._listener.expect(cmd_id, call.pending, _route_engine(call))
+        entry_id = client.r.xadd(call.stream, call.fields)
+        call.sent = (call.stream, entry_id.decode())
+
+    def _settled(self, pending: PendingResult) -> None:
+        with self._lock:
+            call = self._calls.pop(id(pending), None)
+        if call is not None:
+            if call.timer is not None:
+                call.timer.cancel()
+            call.deps.clear()  # argument values are no longer needed by this call
+
+    def cancel(self, pending: PendingResult, error: BaseException | None = None) -> bool:
+        """Drop a call that has not started; it fails with ``error`` (CancelledError)."""
+        error = error or CancelledError(f"{pending.op} {_cmd_id(pending)} was cancelled")
+        with self._lock:
+            call = self._calls.get(id(pending))
+            if call is None:
+                return False
+            queue = self._lanes.get(call.lane)
+            if call.sent is None and queue is not None and call in queue:
+                queue.remove(call)
+                pending.set_exception(error)
+                return True
+        if call.sent is None:
+            return False
+        stream, entry_id = call.sent
+        client = self.client
+        record = system_record(type(error).__name__, str(error))
+        dropped = client.scripts.cancel(
+            keys=[stream, client.schema.result(_cmd_id(pending)),
+                  client.schema.replies(client.client_id)],
+            args=[entry_id, _cmd_id(pending), int(client.settings.result_ttl * 1000),
+                  json.dumps(record)])
+        return int(dropped) == 1  # the notice settles the future
+
+    def _expire(self, call: _Call, timeout: float) -> None:
+        self.cancel(call.pending, TimeoutError(
+            f"{call.pending.op} {_cmd_id(call.pending)} did not start within {timeout} s"))
+
+
+def _cmd_id(pending: PendingResult) -> str:
+    return next(iter(pending.cmd_ids.values()))
+
+
+def _route_engine(call: _Call) -> int:
+    eid = next(iter(call.pending.cmd_ids))
+    return eid
+
+
+def _references(values: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, list[PendingResult]]:
+    """Replace top-level futures by FutureRefs; returns the new values and the futures."""
+    deps: list[PendingResult] = []
+
+    def ref(v: Any) -> Any:
+        if isinstance(v, PendingResult):
+            if len(v.cmd_ids) != 1:
+                raise TypeError("only single-target futures can be passed as arguments")
+            deps.append(v)
+            return FutureRef(_cmd_id(v))
+        return v
+    if isinstance(values, dict):
+        return {k: ref(v) for k, v in values.items()}, deps
+    return tuple(ref(v) for v in values), deps
+
+
+def _call(client: Client, op: str, *, target: int | None, lane: str | None, payload: Any,
+          what: str, fields: dict[str, Any], deps: list[PendingResult],
+          timeout: float | None) -> PendingResult:
+    """Serialize now (errors raise here, before anything is sent), send when ready."""
+    cmd_id = client._new_id()
+    eid = ANY_ENGINE if target is None else target
+    pending = client._pending(op, {eid: cmd_id}, single=True)
+    pending._deps = deps  # type: ignore[attr-defined]  # keeps argument values alive
+    body = client._payload(payload, 1, what)
+    if "obj" in body:
+        pending._objects.append(body["obj"])  # released with the future
+    stream = client.schema.tasks if target is None else client.schema.inbox(target)
+    call = _Call(pending, lane or cmd_id, stream,
+                 entry(op, cmd_id, client.client_id, **fields, **body), deps)
+    return client._dispatcher.submit(call, timeout)
+
+
+# ------------------------------------------------------------------------ functions
+class RemoteFunction(Generic[R]):
+    """A function made remote by ``@redisengines.remote``; call it with ``.remote(...)``."""
+
+    def __init__(self, fn: Any, options: CallOptions | None = None,
+                 client: Client | None = None) -> None:
+        self._fn = fn
+        self._options = options or CallOptions()
+        self._client = client
+        self._pickled: _Pickled | None = None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"remote function {self._fn.__qualname__} cannot be called directly; "
+                        f"use {self._fn.__name__}.remote(...)")
+
+    def options(self, *, engine: int | None = None, timeout: float | None = None,
+                max_retries: int | None = None, client: Client | None = None
+                ) -> RemoteFunction[R]:
+        """A copy with these options for its calls (engine, timeout, max_retries)."""
+        opts = dataclasses.replace(self._options, **{k: v for k, v in (
+            ("engine", engine), ("timeout", timeout), ("max_retries", max_retries))
+            if v is not None})
+        twin: RemoteFunction[R] = RemoteFunction(self._fn, opts, client or self._client)
+        twin._pickled = self._pickled
+        return twin
+
+    def remote(self, *args: Any, **kwargs: Any) -> PendingResult:
+        """Call the function on an engine; returns a future of its return value."""
+        from .api import default_client
+        client = self._client or default_client()
+        if self._pickled is None:
+            self._pickled = _Pickled(self._fn)
+        opts = self._options
+        if opts.engine is not None:
+            client.verify_targets(opts.engine)
+        args, deps = _references(args)
+        kwargs, kdeps = _references(kwargs)
+        retries = DEFAULT_MAX_RETRIES if opts.max_retries is None else opts.max_retries
+        name = self._fn.__qualname__
+        return _call(client, "call", target=opts.engine, lane=None,
+                     payload=(self._pickled.digest, self._pickled.blob, args, kwargs),
+                     what=f"call of {name}", fields={"fn": name, "retries": retries},
+                     deps=deps + kdeps, timeout=opts.timeout)
+
+
+# --------------------------------------------------------------------------- actors
+class ActorClass:
+    """A class made remote by ``@redisengines.remote``; ``Cls.remote(...)`` makes an actor."""
+
+    def __init__(self, cls: type, options: CallOptions | None = None,
+                 client: Client | None = None) -> None:
+        self._cls = cls
+        self._options = options or CallOptions()
+        self._client = client
+        self._pickled: _Pickled | None = None
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor class {self._cls.__qualname__} cannot be instantiated directly;"
+                        f" use {self._cls.__name__}.remote(...)")
+
+    def options(self, *, engine: int | None = None, name: str | None = None,
+                client: Client | None = None) -> ActorClass:
+        """A copy that creates its actor on ``engine`` and/or under ``name``."""
+        opts = dataclasses.replace(self._options, **{k: v for k, v in (
+            ("engine", engine), ("name", name)) if v is not None})
+        twin = ActorClass(self._cls, opts, client or self._client)
+        twin._pickled = self._pickled
+        return twin
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create the actor on an engine (the least loaded unless ``engine`` was given)."""
+        from .api import default_client
+        client = self._client or default_client()
+        if self._pickled is None:
+            self._pickled = _Pickled(self._cls)
+        eid = self._options.engine
+        if eid is None:
+            eid = client._least_loaded()
+        else:
+            client.verify_targets(eid)
+        aid = uuid.uuid4().hex[:12]
+        methods = frozenset(m for m in dir(self._cls)
+                            if not m.startswith("_") and callable(getattr(self._cls, m, None)))
+        handle = ActorHandle(aid, eid, self._cls.__qualname__, methods, self._options.name,
+                             client=client)
+        if handle.name is not None:
+            client._name_actor(handle)
+        a, deps = _references(args)
+        kw, kdeps = _references(kwargs)
+        handle._created = _call(
+            client, "actor_new", target=eid, lane=aid,
+            payload=(self._pickled.digest, self._pickled.blob, a, kw),
+            what=f"actor {self._cls.__qualname__}", fields={"actor": aid,
+                                                             "cls": self._cls.__qualname__},
+            deps=deps + kdeps, timeout=None)
+        return handle
+
+
+class ActorHandle:
+    """A handle to one actor: ``handle.method.remote(...)``. Can be passed to remote calls."""
+
+    def __init__(self, actor_id: str, engine_id: int, cls_name: str, methods: frozenset[str],
+                 name: str | None = None, *, client: Client | None = None) -> None:
+        self.actor_id = actor_id
+        self.engine_id = engine_id
+        self.cls_name = cls_name
+        self.name = name
+        self._methods = methods
+        self._client = client
+        self._created: PendingResult | None = None
+
+    def __getattr__(self, method: str) -> ActorMethod:
+        if method.startswith("_") or method not in self._methods:
+            raise AttributeError(f"actor {self.cls_name} has no method {method!r}")
+        return ActorMethod(self, method)
+
+    def __reduce__(self) -> Any:
+        return (ActorHandle, (self.actor_id, self.engine_id, self.cls_name, self._methods,
+                              self.name))
+
+    def __repr__(self) -> str:
+        named = f" {self.name!r}" if self.name else ""
+        return f"<Actor {self.cls_name}{named} {self.actor_id} on engine {self.engine_id}>"
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            from .api import default_client
+            self._client = default_client()
+        return self._client
+
+
+class ActorMethod:
+    """``handle.method``; ``.remote(*args, **kwargs)`` returns a future of its return value."""
+
+    def __init__(self, handle: ActorHandle, method: str, timeout: float | None = None) -> None:
+        self._handle = handle
+        self._method = method
+        self._timeout = timeout
+
+    def options(self, *, timeout: float | None = None) -> ActorMethod:
+        return ActorMethod(self._handle, self._method, timeout)
+
+    def remote(self, *args: Any, **kwargs: Any) -> PendingResult:
+        h = self._handle
+        client = h.client
+        if not client._is_live(h.engine_id):
+            pending = client._pending("actor_call", {h.engine_id: client._new_id()}, single=True)
+            pending.set_exception(ActorDiedError(
+                f"actor {h.cls_name} {h.actor_id} lived on engine {h.engine_id}, which is gone",
+                engine_id=h.engine_id))
+            return pending
+        a, deps = _references(args)
+        kw, kdeps = _references(kwargs)
+        return _call(client, "actor_call", target=h.engine_id, lane=h.actor_id,
+                     payload=(a, kw), what=f"call of {h.cls_name}.{self._method}",
+                     fields={"actor": h.actor_id, "method": self._method},
+                     deps=deps + kdeps, timeout=self._timeout)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"actor methods are called with .remote(): "
+                        f"handle.{self._method}.remote(...)")
