@@ -58,6 +58,7 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._stdout: dict[int, str] = {}
         self._stderr: dict[int, str] = {}
         self._objects: list[str] = []  # paged values held by this result, released at GC
+        self._ran_on: int | None = None  # the engine that took a load-balanced call
 
     @property
     def engine_ids(self) -> list[int]:
@@ -65,8 +66,11 @@ class PendingResult(Future):  # type: ignore[type-arg]
 
     @property
     def engine_id(self) -> int | None:
-        """The target's id for an int target, else None."""
-        return next(iter(self.cmd_ids)) if self.single else None
+        """The engine that ran it (single target or remote call), else None."""
+        if not self.single:
+            return None
+        eid = next(iter(self.cmd_ids), None)
+        return self._ran_on if eid == -1 else eid
 
     @property
     def stdout(self) -> str | dict[int, str]:
@@ -252,6 +256,8 @@ class ReplyListener(threading.Thread):
         if route is None:
             return
         pending, engine_id = route
+        if engine_id == -1 and fields.get(b"engine") is not None:
+            pending._ran_on = int(fields[b"engine"])
         ok, value = self.client._outcome(fields, engine_id)
         oid = fields.get(b"obj")
         if ok and oid is not None:

@@ -102,20 +102,24 @@ class Dispatcher:
         return call.pending
 
     def _pump(self, lane: str) -> None:
+        # Futures are settled after the lock is released: their callbacks take it too.
+        failures: list[tuple[PendingResult, BaseException]] = []
         with self._lock:  # sending under the lock keeps each lane in order
             queue = self._lanes.get(lane)
             while queue and all(d.done() for d in queue[0].deps):
                 call = queue.popleft()
                 failed = next((d for d in call.deps if d.exception() is not None), None)
                 if failed is not None:
-                    call.pending.set_exception(failed.exception())  # type: ignore[arg-type]
+                    failures.append((call.pending, failed.exception()))  # type: ignore[arg-type]
                     continue
                 try:
                     self._send(call)
                 except BaseException as exc:  # noqa: B036 - the future must settle
-                    call.pending.set_exception(exc)
+                    failures.append((call.pending, exc))
             if queue is not None and not queue:
                 del self._lanes[lane]
+        for pending, exc in failures:
+            pending.set_exception(exc)
 
     def _send(self, call: _Call) -> None:
         client = self.client
@@ -140,10 +144,13 @@ class Dispatcher:
             if call is None:
                 return False
             queue = self._lanes.get(call.lane)
-            if call.sent is None and queue is not None and call in queue:
-                queue.remove(call)
-                pending.set_exception(error)
-                return True
+            unsent = call.sent is None and queue is not None and call in queue
+            if unsent:
+                queue.remove(call)  # type: ignore[union-attr]
+        if unsent:
+            pending.set_exception(error)
+            self._pump(call.lane)  # the calls behind it in its lane may go now
+            return True
         if call.sent is None:
             return False
         stream, entry_id = call.sent
@@ -166,8 +173,7 @@ def _cmd_id(pending: PendingResult) -> str:
 
 
 def _route_engine(call: _Call) -> int:
-    eid = next(iter(call.pending.cmd_ids))
-    return eid
+    return next(iter(call.pending.cmd_ids))
 
 
 def _references(values: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, list[PendingResult]]:
