@@ -185,6 +185,9 @@ class ReplyListener(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=BLOCK_SECONDS + 1)
         self.r.close()
+        # Nothing can complete them any more: fail them rather than leave waiters hanging.
+        self._fail_all(RedisEnginesError("the client was closed before this result arrived; "
+                                         "it stays readable in Redis by its command id"))
 
     # ------------------------------------------------------------------ the thread
     def run(self) -> None:

@@ -160,3 +160,12 @@ def test_results_readable_by_a_second_client(cluster: redisengines.Cluster) -> N
                                                      "made v\n")
     finally:
         second.close()
+
+
+def test_closing_the_client_fails_its_pending_futures(cluster) -> None:
+    other = cluster.client()
+    f = other.execute("import time; time.sleep(30)", targets=0, block=False)
+    other.close()
+    with pytest.raises(redisengines.RedisEnginesError, match="client was closed"):
+        f.result(timeout=5)
+    cluster.client().kill(targets=0)  # do not leave it sleeping until teardown
