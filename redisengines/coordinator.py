@@ -256,6 +256,7 @@ class Client:
                  finalize: Finalize | None = None) -> PendingResult:
         """A PendingResult whose large values are released once it is garbage collected."""
         pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
+        pending._store = self.store
         weakref.finalize(pending, self._unreferenced.extend, pending._objects)
         return pending
 

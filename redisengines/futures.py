@@ -59,6 +59,7 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._stderr: dict[int, str] = {}
         self._objects: list[str] = []  # paged values held by this result, released at GC
         self._ran_on: int | None = None  # the engine that took a load-balanced call
+        self._store: Any = None  # set by the client: reads large values on demand
 
     @property
     def engine_ids(self) -> list[int]:
@@ -85,6 +86,18 @@ class PendingResult(Future):  # type: ignore[type-arg]
         if self.single:
             return next(iter(d.values()), "")
         return {eid: d.get(eid, "") for eid in self.cmd_ids}
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value; a large one is read from Redis on the first call."""
+        value = super().result(timeout)
+        if isinstance(value, _Paged):
+            with self._lock:
+                if isinstance(self._result, _Paged):
+                    self._result = _Fetched(value, self._store)
+                value = self._result.value()
+        elif isinstance(value, _Fetched):
+            value = value.value()
+        return value
 
     def get(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`."""
@@ -136,6 +149,35 @@ class PendingResult(Future):  # type: ignore[type-arg]
         if self.single and self._finalize is None:
             out = values[next(iter(values))]
         self.set_result(out)
+
+
+class _Paged:
+    """A large value still in Redis (a paged object)."""
+
+    __slots__ = ("oid", "what", "engine_id")
+
+    def __init__(self, oid: str, what: str, engine_id: int) -> None:
+        self.oid, self.what, self.engine_id = oid, what, engine_id
+
+
+class _Fetched:
+    """A large value once read: the value, or the error reading it raised (raised each time)."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, paged: _Paged, store: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        try:
+            self._value = store.get(paged.oid, what=paged.what)
+        except RedisEnginesError as exc:
+            exc.engine_id = paged.engine_id  # type: ignore[attr-defined]
+            self._error = exc
+
+    def value(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def completed(op: str, value: Any = None, exc: BaseException | None = None) -> PendingResult:
@@ -261,10 +303,17 @@ class ReplyListener(threading.Thread):
         pending, engine_id = route
         if engine_id == -1 and fields.get(b"engine") is not None:
             pending._ran_on = int(fields[b"engine"])
-        ok, value = self.client._outcome(fields, engine_id)
         oid = fields.get(b"obj")
-        if ok and oid is not None:
+        if oid is not None and fields.get(b"status") == b"ok":
             pending._objects.append(oid.decode())
+            if pending.single and pending._finalize is None:
+                # Fetched on first result(): not on this thread, and not at all for a
+                # value that is only passed on to other calls.
+                what = f"result of {fields.get(b'op', b'').decode()} from engine {engine_id}"
+                pending._deliver(engine_id, True, _Paged(oid.decode(), what, engine_id),
+                                 _text(fields.get(b"stdout")), _text(fields.get(b"stderr")))
+                return
+        ok, value = self.client._outcome(fields, engine_id)
         pending._deliver(engine_id, ok, value, _text(fields.get(b"stdout")),
                          _text(fields.get(b"stderr")))
 
