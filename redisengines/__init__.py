@@ -34,9 +34,11 @@ from .errors import (
     RedisEnginesError,
     RemoteError,
     SerializationError,
+    ServerOutOfMemoryError,
     ServerStartError,
     TimeLimitExceeded,
 )
+from .executor import Executor
 from .futures import PendingResult
 from .remote import ActorClass, ActorHandle, RemoteFunction
 
@@ -78,6 +80,7 @@ __all__ = [
     "DeserializationError",
     "EngineDiedError",
     "EngineShutdownError",
+    "Executor",
     "InvalidTargetError",
     "ObjectLostError",
     "ObjectTooBigError",
@@ -89,6 +92,7 @@ __all__ = [
     "RemoteFunction",
     "Result",
     "SerializationError",
+    "ServerOutOfMemoryError",
     "ServerStartError",
     "Settings",
     "TimeLimitExceeded",

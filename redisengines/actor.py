@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from . import __version__
 from .commands import Namespace, describe
@@ -157,7 +157,7 @@ class Engine:
         block_ms = int(BLOCK_SECONDS * 1000)
         complete: list[Any] | None = None
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
-        failures = 0
+        failures = oom = 0
         # Entries read but not yet run: at most one per stream, because a read asks for one
         # entry per stream and only happens when this is empty (no greedy prefetch).
         ready: list[tuple[str, bytes, dict[bytes, bytes] | None]] = []
@@ -189,12 +189,23 @@ class Engine:
                     cursor = "0"  # what the read delivered is re-read from our PEL
                     ready.clear()
                     continue
+                if isinstance(done, OutOfMemoryError):
+                    # Keep the result and retry: nothing was written, and the lease holds
+                    # (PEXPIRE is allowed at maxmemory).
+                    oom += 1
+                    if oom == 1:
+                        log.warning("engine %d: Redis is out of memory; keeping the result of "
+                                    "%s and retrying until it can be stored", self.id, complete[6])
+                    time.sleep(min(1.0, 0.05 * 2 ** oom))
+                    cursor = "0"
+                    ready.clear()
+                    continue
                 if isinstance(done, Exception):
                     raise done
                 if done == -1:
                     self._fenced("complete")
                     return
-                complete = None
+                complete, oom = None, 0
             if stopping:
                 return
             if reading:

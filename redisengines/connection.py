@@ -15,10 +15,11 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .errors import ConnectionLostError
+from .errors import ConnectionLostError, ServerOutOfMemoryError
 
 # Longest block of any XREAD/XREADGROUP we issue; socket timeouts stay above it.
 BLOCK_SECONDS = 2.0
@@ -74,8 +75,12 @@ def _keepalive_options() -> dict[int, int]:
 
 @contextmanager
 def translate_errors(what: str) -> Iterator[None]:
-    """Turn redis-py connection errors into :class:`ConnectionLostError` (the one boundary)."""
+    """Turn redis-py errors a user can act on into ours (the one boundary)."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise ConnectionLostError(f"{what}: lost the connection to Redis: {exc}") from exc
+    except OutOfMemoryError as exc:
+        raise ServerOutOfMemoryError(
+            f"{what}: Redis is out of memory (maxmemory reached) and refused the write; "
+            "free memory or raise maxmemory, then retry") from exc

@@ -279,7 +279,8 @@ class Client:
         """Message fields carrying ``obj`` to ``n`` engines, written to Redis once."""
         ser = serialize(obj, what=what)
         check_size(ser, self.settings.max_object_size, what=what)
-        fields = self.store.fields_for(ser, refs=n)
+        with translate_errors(what):
+            fields = self.store.fields_for(ser, refs=n)
         fields["size"] = ser.nbytes
         return fields
 
@@ -520,8 +521,9 @@ class Client:
         ser = serialize(value, what="put value")
         check_size(ser, self.settings.max_object_size, what="put value")
         pending = self._pending("put", {-1: put_id}, single=True)
-        fields: dict[str, Any] = {"status": "ok", "op": "put",
-                                  **self.store.fields_for(ser, refs=1)}
+        with translate_errors("put"):
+            fields: dict[str, Any] = {"status": "ok", "op": "put",
+                                      **self.store.fields_for(ser, refs=1)}
         if "obj" in fields:
             pending._objects.append(fields["obj"])
         key = self.schema.result(put_id)

@@ -18,6 +18,7 @@ The tree::
     ├── TimeLimitExceeded (also TimeoutError)     a command ran past its time limit
     ├── QueueFullError                            an engine's inbox is full
     ├── ClusterStateLostError                     the server lost the cluster's state
+    ├── ServerOutOfMemoryError                    Redis is at maxmemory and refuses writes
     ├── ServerStartError                          the embedded server did not start
     └── ConnectionLostError (also ConnectionError) Redis could not be reached
 
@@ -106,6 +107,10 @@ class QueueFullError(RedisEnginesError):
 
 class ClusterStateLostError(RedisEnginesError):
     """Raised when the server restarted without the cluster's state."""
+
+
+class ServerOutOfMemoryError(RedisEnginesError):
+    """Raised when Redis refuses a write because it reached ``maxmemory`` (nothing was sent)."""
 
 
 class ServerStartError(RedisEnginesError):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
 
+from .connection import translate_errors
 from .errors import ActorDiedError, SerializationError, system_record
 from .futures import PendingResult
 from .protocol import FutureRef, entry
@@ -125,7 +126,8 @@ class Dispatcher:
         client = self.client
         for cmd_id in call.pending.cmd_ids.values():
             client._listener.expect(cmd_id, call.pending, _route_engine(call))
-        entry_id = client.r.xadd(call.stream, call.fields)
+        with translate_errors(call.pending.op):
+            entry_id = client.r.xadd(call.stream, call.fields)
         call.sent = (call.stream, entry_id.decode())
 
     def _settled(self, pending: PendingResult) -> None:
