@@ -59,6 +59,9 @@ class Executor(concurrent.futures.Executor):
             (see :func:`redisengines.init`), taken now.
         max_retries: re-queues of a call whose engine died (default: RemoteFunction's).
 
+    Attributes:
+        client: the client given or taken.
+
     Raises:
         RuntimeError: ``client`` is None and there is no default client.
     """
@@ -107,9 +110,10 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
         items: Iterable[tuple[Any, ...]] = zip(*iterables, strict=False)  # the shortest
-        if chunksize > 1:
+        if chunksize > 1:  # one call per chunk: _run_chunk(fn, chunk)
             caller = self._caller(_run_chunk, (_plain(fn),))
-            items = ((chunk,) for chunk in _chunks(items, chunksize))
+            it = iter(items)
+            items = iter(lambda: (tuple(itertools.islice(it, chunksize)),), ((),))
         else:
             caller = self._caller(fn)
         fs: list[PendingResult] = []
@@ -202,9 +206,3 @@ def _done_before(exc: BaseException) -> list[Any]:
         vars(original).pop(_DONE, None)
     return vars(exc).pop(_DONE, None) or []
 
-
-def _chunks(items: Iterator[tuple[Any, ...]] | Iterable[tuple[Any, ...]],
-            size: int) -> Iterator[tuple[tuple[Any, ...], ...]]:
-    it = iter(items)
-    while chunk := tuple(itertools.islice(it, size)):
-        yield chunk

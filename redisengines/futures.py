@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -47,7 +47,8 @@ class PendingResult(Future):  # type: ignore[type-arg]
     def __init__(self, op: str, cmd_ids: dict[int, str], *, single: bool,
                  finalize: Finalize | None = None) -> None:
         super().__init__()
-        self.set_running_or_notify_cancel()  # sent at once: there is no "not yet running"
+        # Stays PENDING until settled: whether an engine has started it is known in Redis
+        # only, and cancel() must stay possible for a call no engine has taken.
         self.op = op
         self.cmd_ids = cmd_ids
         self.single = single
@@ -60,6 +61,7 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._objects: list[str] = []  # paged values held by this result, released at GC
         self._ran_on: int | None = None  # the engine that took a load-balanced call
         self._store: Any = None  # set by the client: reads large values on demand
+        self._canceller: Callable[[PendingResult], bool] | None = None
 
     @property
     def engine_ids(self) -> list[int]:
@@ -99,6 +101,30 @@ class PendingResult(Future):  # type: ignore[type-arg]
             value = value.value()
         return value
 
+    def cancel(self) -> bool:
+        """Cancel a remote call that no engine has started; True if it is now cancelled.
+
+        Commands sent with the multiengine API are not cancelled this way (use
+        ``client.clear_queue``); for them this returns False, as for a started call.
+        """
+        if self.done():
+            return self.cancelled()
+        return self._canceller(self) if self._canceller is not None else False
+
+    def _cancel_locally(self) -> bool:
+        """Enter the cancelled state (the call was dropped before any engine took it).
+
+        As an executor does: ``cancel()`` then ``set_running_or_notify_cancel()``, which
+        is what wakes ``concurrent.futures.wait``/``as_completed`` waiters.
+        """
+        with self._lock:  # the notice of the drop and the canceller may both get here
+            if self.cancelled():
+                return True
+            if not Future.cancel(self):
+                return False
+            self.set_running_or_notify_cancel()
+            return True
+
     def get(self, timeout: float | None = None) -> Any:
         """Alias of :meth:`result`."""
         return self.result(timeout)
@@ -134,9 +160,18 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._settle()
 
     def _settle(self) -> None:
+        try:
+            self._set_outcome()
+        except InvalidStateError:  # cancelled meanwhile: the cancellation stands
+            pass
+
+    def _set_outcome(self) -> None:
         if self._errors:
             if self.single:
-                self.set_exception(next(iter(self._errors.values())))
+                error = next(iter(self._errors.values()))
+                if isinstance(error, CancelledError) and self._cancel_locally():
+                    return  # dropped by clear_queue or cancel: a real cancelled state
+                self.set_exception(error)
             else:
                 self.set_exception(CompositeError(self._errors, self._values))
             return

@@ -20,7 +20,7 @@ import hashlib
 import json
 import threading
 import uuid
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, InvalidStateError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -139,8 +139,7 @@ class Dispatcher:
             call.deps.clear()  # argument values are no longer needed by this call
 
     def cancel(self, pending: PendingResult, error: BaseException | None = None) -> bool:
-        """Drop a call that has not started; it fails with ``error`` (CancelledError)."""
-        error = error or CancelledError(f"{pending.op} {_cmd_id(pending)} was cancelled")
+        """Drop a call no engine has started; it ends cancelled, or failed with ``error``."""
         with self._lock:
             call = self._calls.get(id(pending))
             if call is None:
@@ -150,24 +149,44 @@ class Dispatcher:
             if unsent:
                 queue.remove(call)  # type: ignore[union-attr]
         if unsent:
-            pending.set_exception(error)
+            self._drop(pending, error)
             self._pump(call.lane)  # the calls behind it in its lane may go now
             return True
         if call.sent is None:
             return False
         stream, entry_id = call.sent
         client = self.client
-        record = system_record(type(error).__name__, str(error))
+        stored = error or CancelledError(f"{pending.op} {_cmd_id(pending)} was cancelled")
+        record = system_record(type(stored).__name__, str(stored))
         dropped = client.scripts.cancel(
             keys=[stream, client.schema.result(_cmd_id(pending)),
                   client.schema.replies(client.client_id)],
             args=[entry_id, _cmd_id(pending), int(client.settings.result_ttl * 1000),
                   json.dumps(record)])
-        return int(dropped) == 1  # the notice settles the future
+        if int(dropped) != 1:
+            return False
+        client._listener.forget(list(pending.cmd_ids.values()))
+        self._drop(pending, error)
+        return True
+
+    @staticmethod
+    def _drop(pending: PendingResult, error: BaseException | None) -> None:
+        if error is None:
+            pending._cancel_locally()
+        else:
+            try:
+                pending.set_exception(error)
+            except InvalidStateError:
+                pass
 
     def _expire(self, call: _Call, timeout: float) -> None:
         self.cancel(call.pending, TimeoutError(
             f"{call.pending.op} {_cmd_id(call.pending)} did not start within {timeout} s"))
+
+
+def _name(fn: Any) -> str:
+    """A readable name for any callable (functions, partials, callable objects)."""
+    return str(getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", repr(fn)))
 
 
 def _cmd_id(pending: PendingResult) -> str:
@@ -202,6 +221,7 @@ def _call(client: Client, op: str, *, target: int | None, lane: str | None, payl
     eid = ANY_ENGINE if target is None else target
     pending = client._pending(op, {eid: cmd_id}, single=True)
     pending._deps = deps  # type: ignore[attr-defined]  # keeps argument values alive
+    pending._canceller = client._dispatcher.cancel
     body = client._payload(payload, 1, what)
     if "obj" in body:
         pending._objects.append(body["obj"])  # released with the future
@@ -221,11 +241,14 @@ class RemoteFunction(Generic[R]):
         self._options = options or CallOptions()
         self._client = client
         self._pickled: _Pickled | None = None
-        functools.update_wrapper(self, fn)
+        try:
+            functools.update_wrapper(self, fn)
+        except AttributeError:  # a partial or callable object: nothing to copy
+            pass
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"remote function {self._fn.__qualname__} cannot be called directly; "
-                        f"use {self._fn.__name__}.remote(...)")
+        raise TypeError(f"remote function {_name(self._fn)} cannot be called directly; "
+                        "use .remote(...)")
 
     def options(self, *, engine: int | None = None, timeout: float | None = None,
                 max_retries: int | None = None, client: Client | None = None
@@ -238,7 +261,7 @@ class RemoteFunction(Generic[R]):
         twin._pickled = self._pickled
         return twin
 
-    def remote(self, *args: Any, **kwargs: Any) -> PendingResult:
+    def remote(self, /, *args: Any, **kwargs: Any) -> PendingResult:
         """Call the function on an engine; returns a future of its return value."""
         from .api import default_client
         client = self._client or default_client()
@@ -250,7 +273,7 @@ class RemoteFunction(Generic[R]):
         args, deps = _references(args)
         kwargs, kdeps = _references(kwargs)
         retries = DEFAULT_MAX_RETRIES if opts.max_retries is None else opts.max_retries
-        name = self._fn.__qualname__
+        name = _name(self._fn)
         return _call(client, "call", target=opts.engine, lane=None,
                      payload=(self._pickled.digest, self._pickled.blob, args, kwargs),
                      what=f"call of {name}", fields={"fn": name, "retries": retries},
@@ -284,7 +307,7 @@ class ActorClass:
         twin._pickled = self._pickled
         return twin
 
-    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+    def remote(self, /, *args: Any, **kwargs: Any) -> ActorHandle:
         """Create the actor on an engine (the least loaded unless ``engine`` was given)."""
         from .api import default_client
         client = self._client or default_client()
@@ -358,7 +381,7 @@ class ActorMethod:
     def options(self, *, timeout: float | None = None) -> ActorMethod:
         return ActorMethod(self._handle, self._method, timeout)
 
-    def remote(self, *args: Any, **kwargs: Any) -> PendingResult:
+    def remote(self, /, *args: Any, **kwargs: Any) -> PendingResult:
         h = self._handle
         client = h.client
         if not client._is_live(h.engine_id):
