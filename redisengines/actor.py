@@ -86,6 +86,8 @@ class Engine:
             keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks],
             args=[self.keys.prefix, self._ttl_ms(), json.dumps(info)]))
         self.namespace = Namespace(self.id, self.store)
+        from . import futures
+        futures.current_engine = self.id  # its commands must not wait on its own inbox
         # Loaded now: a NOSCRIPT for complete.lua would only come back after the
         # blocking read it is pipelined with, stalling the first command by BLOCK_SECONDS.
         self.r.script_load(self.scripts.complete.script)

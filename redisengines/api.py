@@ -18,7 +18,7 @@ from .cluster import Cluster
 from .config import Settings
 from .coordinator import Client
 from .errors import ActorDiedError
-from .futures import PendingResult
+from .futures import PendingResult, refuse_self_wait
 from .remote import ActorClass, ActorHandle, CallOptions, RemoteFunction
 
 _lock = threading.Lock()
@@ -101,6 +101,8 @@ def get(refs: Future | Sequence[Future], timeout: float | None = None) -> Any:  
         return refs.result(timeout)
     futures = list(refs)
     _check_futures(futures)
+    for f in futures:
+        refuse_self_wait(f)
     done, not_done = futures_wait(futures, timeout)
     if not_done:
         raise TimeoutError(f"{len(not_done)} (of {len(futures)}) futures unfinished "

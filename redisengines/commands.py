@@ -180,7 +180,8 @@ class Namespace:
         aid = cmd.text("actor")
         instance = self.actors.get(aid)
         if instance is None:
-            why = self._gone.get(aid, f"is not on engine {self.engine_id}")
+            why = self._gone.get(aid, f"is not on engine {self.engine_id} (it was never "
+                                      "created here)")
             raise ActorDiedError(f"actor {aid} {why}", engine_id=self.engine_id)
         args, kwargs = self.store.decode(cmd.fields, what="actor call")
         args, kwargs = self._arguments(args, kwargs)

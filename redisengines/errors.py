@@ -256,10 +256,15 @@ def error_record(exc: BaseException, *, engine_id: int, op: str, cmd_id: str | N
     except Exception:
         tb_dict = None
     cls = type(exc)
+    if isinstance(exc, RemoteError):  # re-raised from a nested remote call: name the original
+        type_name = exc.remote_type
+    elif cls.__module__ == "builtins":
+        type_name = cls.__qualname__
+    else:
+        type_name = f"{cls.__module__}.{cls.__qualname__}"
     return {
         "kind": "remote",
-        "type": f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins"
-        else cls.__qualname__,
+        "type": type_name,
         "message": str(exc),
         "traceback": text,
         "engine_id": engine_id,
@@ -336,6 +341,8 @@ def _remote_class(base: type | None) -> type[RemoteError]:
     Only ``Exception`` subclasses are mixed in: a remote ``SystemExit`` or
     ``KeyboardInterrupt`` re-raised as such would exit the client or pass for its own Ctrl-C.
     """
+    while base is not None and issubclass(base, RemoteError) and base is not RemoteError:
+        base = base.__bases__[-1]  # a remote error raised again remotely: its original class
     if base is None or not issubclass(base, Exception) or issubclass(base, RemoteError):
         return RemoteError
     cls = _remote_classes.get(base)

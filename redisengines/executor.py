@@ -50,9 +50,9 @@ class Executor(concurrent.futures.Executor):
     cloudpickle can send them so (module-level functions of importable modules go by
     reference: the engines must be able to import them). Futures are
     :class:`~redisengines.PendingResult` objects; a future given as a top-level argument is
-    replaced by its value on the engine. ``Future.cancel()`` cannot stop a queued call;
-    ``shutdown(cancel_futures=True)`` and ``Client.cancel`` can (the future then raises
-    ``CancelledError``). Shutting the executor down never closes its client.
+    replaced by its value on the engine. ``Future.cancel()`` drops a call no engine has
+    started, as ``shutdown(cancel_futures=True)`` does for all of them; a started call runs
+    to its end. Shutting the executor down never closes its client.
 
     Args:
         client: the client whose engines run the calls; default: the default client

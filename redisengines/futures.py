@@ -91,6 +91,7 @@ class PendingResult(Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         """The value; a large one is read from Redis on the first call."""
+        refuse_self_wait(self)
         value = super().result(timeout)
         if isinstance(value, _Paged):
             with self._lock:
@@ -100,6 +101,10 @@ class PendingResult(Future):  # type: ignore[type-arg]
         elif isinstance(value, _Fetched):
             value = value.value()
         return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        refuse_self_wait(self)
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         """Cancel a remote call that no engine has started; True if it is now cancelled.
@@ -141,8 +146,15 @@ class PendingResult(Future):  # type: ignore[type-arg]
         return asyncio.wrap_future(self).__await__()
 
     def __repr__(self) -> str:
-        state = "done" if self.done() else "pending"
-        return f"<PendingResult {self.op} on {self.engine_ids} {state}>"
+        state = "cancelled" if self.cancelled() else "done" if self.done() else "pending"
+        where = self.engine_ids if -1 not in self.cmd_ids else \
+            f"engine {self._ran_on}" if self._ran_on is not None else "any engine"
+        return f"<PendingResult {self.op} on {where} {state}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a future can only be passed to a remote call as a top-level argument "
+                        "(not inside a list, dict or object); pass it directly, or its "
+                        ".result()")
 
     # ------------------------------------------------------------- listener side
     def _deliver(self, engine_id: int, ok: bool, value: Any, stdout: str, stderr: str) -> None:
@@ -184,6 +196,23 @@ class PendingResult(Future):  # type: ignore[type-arg]
         if self.single and self._finalize is None:
             out = values[next(iter(values))]
         self.set_result(out)
+
+
+# Set in an engine process to its engine id: code it runs must not wait on its own inbox.
+current_engine: int | None = None
+
+
+def refuse_self_wait(f: Future) -> None:  # type: ignore[type-arg]
+    """Raise at once instead of deadlocking: an engine's running command waiting on a
+    command queued to that same engine (which can only start after it)."""
+    if current_engine is None or f.done() or not isinstance(f, PendingResult):
+        return
+    if current_engine in f.cmd_ids and threading.current_thread() is threading.main_thread():
+        raise RedisEnginesError(
+            f"code running on engine {current_engine} waits for {f.op} "
+            f"{f.cmd_ids[current_engine]}, queued on engine {current_engine} itself: it can "
+            "only start after the current command ends. Run it on another engine, or return "
+            "the future instead of waiting for it")
 
 
 class _Paged:

@@ -77,6 +77,7 @@ class _Call:
     deps: list[PendingResult]
     sent: tuple[str, str] | None = None  # (stream, entry id) once sent
     timer: threading.Timer | None = None
+    actor: ActorHandle | None = None  # an actor call: fails if the actor failed to start
 
 
 class Dispatcher:
@@ -109,9 +110,11 @@ class Dispatcher:
             queue = self._lanes.get(lane)
             while queue and all(d.done() for d in queue[0].deps):
                 call = queue.popleft()
-                failed = next((d for d in call.deps if d.exception() is not None), None)
-                if failed is not None:
-                    failures.append((call.pending, failed.exception()))  # type: ignore[arg-type]
+                error = next(filter(None, map(_failure, call.deps)), None)
+                if error is None and call.actor is not None:
+                    error = call.actor._start_failure(dict(failures))
+                if error is not None:
+                    failures.append((call.pending, error))
                     continue
                 try:
                     self._send(call)
@@ -184,6 +187,13 @@ class Dispatcher:
             f"{call.pending.op} {_cmd_id(call.pending)} did not start within {timeout} s"))
 
 
+def _failure(f: PendingResult) -> BaseException | None:
+    """The error of a done future, a cancellation included."""
+    if f.cancelled():
+        return CancelledError(f"{f.op} {_cmd_id(f)}, an argument of this call, was cancelled")
+    return f.exception()
+
+
 def _name(fn: Any) -> str:
     """A readable name for any callable (functions, partials, callable objects)."""
     return str(getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", repr(fn)))
@@ -215,7 +225,7 @@ def _references(values: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, list[Pen
 
 def _call(client: Client, op: str, *, target: int | None, lane: str | None, payload: Any,
           what: str, fields: dict[str, Any], deps: list[PendingResult],
-          timeout: float | None) -> PendingResult:
+          timeout: float | None, actor: ActorHandle | None = None) -> PendingResult:
     """Serialize now (errors raise here, before anything is sent), send when ready."""
     cmd_id = client._new_id()
     eid = ANY_ENGINE if target is None else target
@@ -227,7 +237,7 @@ def _call(client: Client, op: str, *, target: int | None, lane: str | None, payl
         pending._objects.append(body["obj"])  # released with the future
     stream = client.schema.tasks if target is None else client.schema.inbox(target)
     call = _Call(pending, lane or cmd_id, stream,
-                 entry(op, cmd_id, client.client_id, **fields, **body), deps)
+                 entry(op, cmd_id, client.client_id, **fields, **body), deps, actor=actor)
     return client._dispatcher.submit(call, timeout)
 
 
@@ -362,6 +372,21 @@ class ActorHandle:
         named = f" {self.name!r}" if self.name else ""
         return f"<Actor {self.cls_name}{named} {self.actor_id} on engine {self.engine_id}>"
 
+    def _start_failure(self, failing: dict[PendingResult, BaseException]
+                       ) -> BaseException | None:
+        """ActorDiedError if this client saw the actor's creation fail (or is failing it
+        right now: ``failing``), else None."""
+        created = self._created
+        if created is None:
+            return None
+        error = failing.get(created)
+        if error is None and created.done():
+            error = _failure(created)
+        if error is None:
+            return None
+        return ActorDiedError(f"actor {self.cls_name} {self.actor_id} failed to start: "
+                              f"{type(error).__name__}: {error}", engine_id=self.engine_id)
+
     @property
     def client(self) -> Client:
         if self._client is None:
@@ -395,7 +420,7 @@ class ActorMethod:
         return _call(client, "actor_call", target=h.engine_id, lane=h.actor_id,
                      payload=(a, kw), what=f"call of {h.cls_name}.{self._method}",
                      fields={"actor": h.actor_id, "method": self._method},
-                     deps=deps + kdeps, timeout=self._timeout)
+                     deps=deps + kdeps, timeout=self._timeout, actor=h)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor methods are called with .remote(): "

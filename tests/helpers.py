@@ -40,9 +40,18 @@ def interactive(obj: T) -> T:
 
     cloudpickle then sends it by value, and ``apply`` runs such functions with the engine's
     namespace as their globals. A function of this (importable) test module would otherwise
-    be pickled by reference, which an engine cannot import.
+    be pickled by reference, which an engine cannot import. A class's methods are marked
+    too: cloudpickle would otherwise send them by reference to this module.
     """
     obj.__module__ = "__main__"
+    if isinstance(obj, type):
+        for value in vars(obj).values():
+            inner = getattr(value, "__func__", value)
+            if hasattr(inner, "__module__") and callable(inner):
+                try:
+                    inner.__module__ = "__main__"
+                except (AttributeError, TypeError):
+                    pass
     return obj
 
 

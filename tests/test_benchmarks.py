@@ -59,3 +59,41 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     if not rq_installed():
         assert "rq: not installed" in proc.stdout
     assert "W1 latency over tcp" in proc.stdout
+
+
+REMOTE_EXPECTED = [
+    f"remote.{t}.{name}" for t in ("tcp", "unix")
+    for name in ("apply_round_trip", "function_round_trip", "actor_round_trip",
+                 "function_round_trip_over_apply", "actor_round_trip_over_apply", "get_ready",
+                 "apply_throughput", "function_throughput", "function_submit",
+                 "actor_throughput", "actor_submit", "function_throughput_over_apply",
+                 "actor_throughput_over_apply")
+]
+REMOTE_RQ_FIGURES = ["remote.rq.round_trip", "remote.rq.throughput",
+                     "remote.rq.function_round_trip_over_rq",
+                     "remote.rq.function_throughput_over_rq"]
+
+
+@pytest.mark.timeout(120)
+def test_quick_remote_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "figures.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_remote", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    figures = {}
+    for line in out.read_text().splitlines():
+        record = json.loads(line)
+        figures[record["name"]] = record
+    expected = REMOTE_EXPECTED + (REMOTE_RQ_FIGURES if rq_installed() else [])
+    missing = [name for name in expected if name not in figures]
+    assert not missing, f"missing figures: {missing}"
+    for record in figures.values():
+        value = record["value"]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, record
+        if "p90" in record:
+            assert record["p90"] > 0, record
+    if not rq_installed():
+        assert "rq: not installed" in proc.stdout
+    assert "Throughput over unix" in proc.stdout

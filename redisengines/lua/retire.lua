@@ -44,7 +44,12 @@ local function fail(f, was)
   if not f['id'] then return 0 end
   local msg = 'engine ' .. id .. ' ' .. why .. (was and ' while running ' or ' before starting ')
     .. (f['op'] or 'a') .. ' command ' .. f['id']
-  notify(f, 'error', 'error', cjson.encode({kind = 'system', type = errtype, message = msg,
+  local kind = errtype
+  if f['actor'] then  -- the actor lived there: ActorDiedError (an EngineDiedError too)
+    kind = 'ActorDiedError'
+    msg = msg .. ' (actor ' .. f['actor'] .. ' is gone with it)'
+  end
+  notify(f, 'error', 'error', cjson.encode({kind = 'system', type = kind, message = msg,
     attrs = {engine_id = tonumber(id), started = was, cmd_id = f['id']}}))
   return 1
 end
