@@ -78,6 +78,7 @@ class Engine:
         self._current: tuple[str, str, float] | None = None
         self._exit_code = 0
         self._killed = threading.Event()
+        self._faults = parse_faultpoints(os.environ.get(FAULTPOINT_ENV, ""))
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
@@ -239,6 +240,8 @@ class Engine:
         """Run one entry; returns the arguments of ``complete.lua``."""
         self.seq += 1
         started = time.time()
+        if self._faults:
+            self._faultpoint("after_read")
         try:
             cmd = Command.decode(entry_id, fields)
         except (ProtocolError, ValueError) as exc:
@@ -255,8 +258,12 @@ class Engine:
         sys.stdout, sys.stderr = out, err
         self._executing = True
         try:
+            if self._faults:
+                self._faultpoint("before_exec")
             value = self.namespace.run(cmd)
-            # A large result is released by the client that reads it first (refs=1).
+            if self._faults:
+                self._faultpoint("after_exec")
+            # refs=1: a large result is released when its client's future is dropped.
             result = {"status": "ok", **self.store.encode(value, what=_what(cmd), refs=1)}
         except BaseException as exc:  # noqa: B036 - user code may raise anything
             if isinstance(exc, _Shutdown):
@@ -270,6 +277,8 @@ class Engine:
         result["stderr"] = _cap(err.getvalue())
         if cmd.op == "execute":
             result["code"] = cmd.fields.get(b"code", b"")
+        if self._faults:
+            self._faultpoint("before_ack")
         return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
 
     def _error_fields(self, exc: BaseException, cmd: Command) -> dict[str, Any]:
@@ -367,6 +376,19 @@ class Engine:
         os._exit(0)
 
     # ------------------------------------------------------------------------ helpers
+    def _faultpoint(self, where: str) -> None:
+        """Tests only (REDISENGINES_FAULTPOINT): die, exit or hang at a point of a command."""
+        action = self._faults.get(where)
+        if action is None:
+            return
+        log.warning("engine %d: fault point %s:%s", self.id, where, action)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "exit":
+            os._exit(1)
+        elif action == "hang":
+            threading.Event().wait()
+
     def _info(self) -> dict[str, Any]:
         current = self._current
         info: dict[str, Any] = {
@@ -384,6 +406,23 @@ class Engine:
 
     def _result_ttl_ms(self) -> int:
         return int(self.settings.result_ttl * 1000)
+
+
+FAULTPOINT_ENV = "REDISENGINES_FAULTPOINT"
+FAULT_POINTS = ("after_read", "before_exec", "after_exec", "before_ack")
+FAULT_ACTIONS = ("kill", "exit", "hang")
+
+
+def parse_faultpoints(spec: str) -> dict[str, str]:
+    """``"after_read:kill,before_ack:exit"`` -> ``{"after_read": "kill", ...}``."""
+    points = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        where, _, action = item.partition(":")
+        if where not in FAULT_POINTS or action not in FAULT_ACTIONS:
+            raise ValueError(f"{FAULTPOINT_ENV}: {item!r} is not <point>:<action> with point in "
+                             f"{FAULT_POINTS} and action in {FAULT_ACTIONS}")
+        points[where] = action
+    return points
 
 
 def _what(cmd: Command) -> str:

@@ -15,6 +15,7 @@ variable                                field                default
 ``REDISENGINES_HEARTBEAT_TTL``          ``heartbeat_ttl``    6.0 s
 ``REDISENGINES_RESULT_TTL``             ``result_ttl``       86400 s
 ``REDISENGINES_DONE_HISTORY``           ``done_history``     1000 commands
+``REDISENGINES_MAX_QUEUE``              ``max_queue``        100000 commands per stream
 ``REDISENGINES_RETRIES``                ``retries``          8 (about 7 s of backoff)
 ``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
 ======================================  ===================  ==========================
@@ -44,6 +45,7 @@ class Settings:
     heartbeat_ttl: float = 6.0
     result_ttl: float = 86400.0
     done_history: int = 1000
+    max_queue: int = 100_000
     retries: int = 8
     server_bin: str | None = None
 
@@ -52,7 +54,7 @@ class Settings:
             raise ValueError(f"invalid cluster name {self.cluster!r}: no braces, colons or spaces")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ValueError("heartbeat_ttl must be longer than heartbeat_interval")
-        for name in ("max_object_size", "page_size", "inline_max", "done_history"):
+        for name in ("max_object_size", "page_size", "inline_max", "done_history", "max_queue"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0:

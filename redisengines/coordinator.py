@@ -34,6 +34,7 @@ from .errors import (
     DeserializationError,
     InvalidTargetError,
     ObjectLostError,
+    QueueFullError,
     SerializationError,
     error_from_fields,
     error_from_record,
@@ -106,6 +107,7 @@ class Client:
         self._unreferenced: collections.deque[str] = collections.deque()
         self._actors_placed: collections.Counter[int] = collections.Counter()
         with translate_errors("connect"):
+            self.scripts.load("submit", "cancel", "clear_queue", "release_object")
             events_from = registry.last_event_id(self.r, self.schema)
             self.get_ids()
         self._listener = ReplyListener(self, events_from)
@@ -240,17 +242,44 @@ class Client:
         pending = self._pending(op, cmd_ids, single=single, finalize=finalize)
         for eid, cmd_id in cmd_ids.items():
             self._listener.expect(cmd_id, pending, eid)
-        pipe = self.r.pipeline(transaction=False)
+        items = []
         for eid, cmd_id in cmd_ids.items():
             extra = per_target[eid] if per_target is not None else (fields or {})
-            pipe.xadd(self.schema.inbox(eid), entry(op, cmd_id, self.client_id, **extra))
+            items.append((self.schema.inbox(eid), cmd_id,
+                          entry(op, cmd_id, self.client_id, **extra)))
         try:
             with translate_errors(op):
-                pipe.execute()
+                entry_ids = self._enqueue(items)
         except BaseException:
             self._listener.forget(list(cmd_ids.values()))
             raise
+        for eid, entry_id in zip(cmd_ids, entry_ids, strict=True):
+            if entry_id is None:  # that inbox was full: this part fails, the others run
+                self._listener.forget([cmd_ids[eid]])
+                pending._deliver(eid, False, QueueFullError(
+                    f"engine {eid}'s queue holds {self.settings.max_queue} commands "
+                    f"(REDISENGINES_MAX_QUEUE); {op} was not queued there"), "", "")
         return self._finish(pending, block, timeout)
+
+    def _enqueue(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[str | None]:
+        """Queue commands (stream, command id, fields) with ``submit.lua`` in one round trip.
+
+        Returns each entry id, or None where the stream was full. Submitting is idempotent
+        per command id, so redis-py's retry of a lost reply queues nothing twice.
+        """
+        sha = self.scripts.submit.sha
+        args = (self.settings.max_queue, int(self.settings.result_ttl * 1000))
+        for _ in range(2):
+            pipe = self.r.pipeline(transaction=False)
+            for stream, cmd_id, fields in items:
+                flat = [x for kv in fields.items() for x in kv]
+                pipe.evalsha(sha, 2, stream, self.schema.result(cmd_id), *args, *flat)
+            try:
+                replies = pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:  # SCRIPT FLUSH: load and send again
+                self.scripts.load("submit")
+        return [None if r == -1 else r.decode() if isinstance(r, bytes) else r for r in replies]
 
     def _pending(self, op: str, cmd_ids: dict[int, str], *, single: bool,
                  finalize: Finalize | None = None) -> PendingResult:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import cloudpickle
 
 from .connection import translate_errors
-from .errors import ActorDiedError, SerializationError, system_record
+from .errors import ActorDiedError, QueueFullError, SerializationError, system_record
 from .futures import PendingResult
 from .protocol import FutureRef, entry
 
@@ -127,11 +127,19 @@ class Dispatcher:
 
     def _send(self, call: _Call) -> None:
         client = self.client
-        for cmd_id in call.pending.cmd_ids.values():
-            client._listener.expect(cmd_id, call.pending, _route_engine(call))
-        with translate_errors(call.pending.op):
-            entry_id = client.r.xadd(call.stream, call.fields)
-        call.sent = (call.stream, entry_id.decode())
+        cmd_id = _cmd_id(call.pending)
+        client._listener.expect(cmd_id, call.pending, _route_engine(call))
+        try:
+            with translate_errors(call.pending.op):
+                (entry_id,) = client._enqueue([(call.stream, cmd_id, call.fields)])
+        except BaseException:
+            client._listener.forget([cmd_id])
+            raise
+        if entry_id is None:
+            client._listener.forget([cmd_id])
+            raise QueueFullError(f"{call.stream} holds {client.settings.max_queue} commands "
+                                 f"(REDISENGINES_MAX_QUEUE); {call.pending.op} was not queued")
+        call.sent = (call.stream, entry_id)
 
     def _settled(self, pending: PendingResult) -> None:
         with self._lock:

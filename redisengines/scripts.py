@@ -12,7 +12,7 @@ import redis
 from redis.commands.core import Script
 
 NAMES = ("register", "heartbeat", "complete", "retire", "clear_queue", "release_object",
-         "cancel")
+         "cancel", "submit")
 
 
 def source(name: str) -> str:
@@ -29,7 +29,14 @@ class Scripts:
     clear_queue: Script
     release_object: Script
     cancel: Script
+    submit: Script
 
     def __init__(self, r: redis.Redis) -> None:
+        self.r = r
         for name in NAMES:
             setattr(self, name, r.register_script(source(name)))
+
+    def load(self, *names: str) -> None:
+        """Load scripts now (before pipelining EVALSHAs, which cannot fall back to EVAL)."""
+        for name in names or NAMES:
+            self.r.script_load(getattr(self, name).script)

@@ -208,3 +208,25 @@ def test_ctrl_c_in_the_owning_script_stops_everything(tmp_path) -> None:
         assert not any(_alive(pid) for pid in pids)
     finally:
         owner.kill()
+
+
+@pytest.mark.parametrize(("point", "started"), [("after_read", False), ("before_ack", True)])
+def test_faultpoint_kill(make_cluster, monkeypatch, point, started) -> None:
+    """FAULTS #2/#3: killed holding an entry (not started / run but not stored): the future
+    fails with EngineDiedError; the command is never run twice."""
+    monkeypatch.setenv("REDISENGINES_FAULTPOINT", f"{point}:kill")
+    cluster = make_cluster(1, heartbeat_interval=0.25, heartbeat_ttl=1.5)
+    client = cluster.client()
+    with pytest.raises(EngineDiedError) as err:
+        client.execute("x = 1", targets=0, timeout=15)
+    assert err.value.engine_id == 0 and err.value.started is True  # it was delivered
+    assert client.ids == []
+
+
+def test_faultpoint_spec_is_checked() -> None:
+    from redisengines.actor import parse_faultpoints
+    assert parse_faultpoints("after_read:kill, before_ack:hang") == {
+        "after_read": "kill", "before_ack": "hang"}
+    assert parse_faultpoints("") == {}
+    with pytest.raises(ValueError, match="REDISENGINES_FAULTPOINT"):
+        parse_faultpoints("sometime:kill")

@@ -1,0 +1,40 @@
+"""FAULTS #19 (no duplicate submission on a retried write) and #40 (bounded queues)."""
+
+from __future__ import annotations
+
+import pytest
+
+import redisengines
+from redisengines.protocol import entry
+
+
+def test_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> None:
+    inbox = f"re:{cluster_name}:{{e0}}:inbox"
+    client.execute("n = 0", targets=0)
+    cmd_id = client._new_id()
+    fields = entry("execute", cmd_id, client.client_id, code="n += 1")
+    first = client._enqueue([(inbox, cmd_id, fields)])
+    again = client._enqueue([(inbox, cmd_id, fields)])  # as redis-py's retry would send it
+    assert first == again and first[0]
+    assert client.pull("n", targets=0) == 1  # ran once (pull queues behind it)
+    assert r.hget(f"re:{cluster_name}:{{r{cmd_id}}}", "status") == b"ok"
+
+
+def test_full_inbox_raises_queue_full_and_loses_nothing(make_cluster, gates) -> None:
+    cluster = make_cluster(2, max_queue=3)
+    client = cluster.client()
+    gate = gates()
+    held = gate.hold(client, 0)  # running: no longer counted in the stream after it ends
+    queued = [client.execute(f"x{i} = {i}", targets=0, block=False) for i in range(2)]
+    with pytest.raises(redisengines.QueueFullError, match="REDISENGINES_MAX_QUEUE"):
+        client.execute("y = 1", targets=0)
+    everywhere = client.execute("z = 1", block=False)  # engine 1 has room, engine 0 not
+    gate.open()
+    with pytest.raises(redisengines.CompositeError) as err:
+        everywhere.result(timeout=10)
+    assert isinstance(err.value.errors[0], redisengines.QueueFullError)
+    assert err.value.results == {1: None}
+    held.result(timeout=10)
+    assert [f.result(timeout=10) for f in queued] == [None, None]
+    assert client.pull(["x0", "x1"], targets=0) == [0, 1]
+    assert "y" not in client.keys(targets=0)
