@@ -10,8 +10,9 @@ Two threads, two connections:
   namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``) even while the main
   thread is busy.
 
-An engine whose lease expired is presumed dead by everyone else: ``complete.lua`` and
-``heartbeat.lua`` refuse it (fencing) and it exits with :data:`EXIT_FENCED`.
+An engine whose lease expired may be retired by any client (``retire.lua`` fails what it
+held and sets its fence); ``complete.lua`` and ``heartbeat.lua`` then refuse the old
+incarnation, which registers again under a new id.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -44,7 +46,6 @@ from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-EXIT_FENCED = 3
 EXIT_PARENT_GONE = 4
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _STDOUT_MAX = 1 << 20
@@ -78,14 +79,16 @@ class Engine:
         self._current: tuple[str, str, float] | None = None
         self._exit_code = 0
         self._killed = threading.Event()
+        self._fence = threading.Event()  # set when this incarnation was retired
         self._faults = parse_faultpoints(os.environ.get(FAULTPOINT_ENV, ""))
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
         info = self._info()
         self.id = int(self.scripts.register(
-            keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks],
-            args=[self.keys.prefix, self._ttl_ms(), json.dumps(info)]))
+            keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks,
+                  self.keys.epoch],
+            args=[self.keys.prefix, self._ttl_ms(), json.dumps(info), uuid.uuid4().hex]))
         self.namespace = Namespace(self.id, self.store)
         from . import futures
         futures.current_engine = self.id  # its commands must not wait on its own inbox
@@ -97,26 +100,47 @@ class Engine:
         return self.id
 
     def run(self) -> int:
-        """Register, serve until stopped, unregister; returns the process exit code."""
+        """Register, serve until stopped, unregister; returns the process exit code.
+
+        An engine retired by the cluster while it was unreachable or frozen (its lease
+        expired and someone reaped it) comes back under a new id, with a fresh namespace:
+        the cluster failed what the old id held, so nothing of it may go on.
+        """
         from . import api
         api.engine_settings = self.settings  # remote code may call remote functions too
-        if self.id < 0:
-            self.register()
         if self.handle_signals:
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(signal.SIGINT, self._on_sigint)
-        control = threading.Thread(target=self._control_loop, name="re-control", daemon=True)
-        control.start()
-        try:
-            self._serve()
-        except _Shutdown:
-            pass
-        if self._killed.is_set():  # the control thread retires the engine and exits
-            control.join(timeout=30)
-            return 0
+        while True:
+            if self.id < 0:
+                self.register()
+            control = threading.Thread(target=self._control_loop, args=(self._fence,),
+                                       name=f"re-control-{self.id}", daemon=True)
+            control.start()
+            try:
+                self._serve()
+            except _Shutdown:
+                pass
+            if self._killed.is_set():  # the control thread retires the engine and exits
+                control.join(timeout=30)
+                return 0
+            if not self._fence.is_set() or self._stopping.is_set():
+                break
+            log.warning("engine %d was retired by the cluster; joining again as a new engine",
+                        self.id)
+            control.join(timeout=self.settings.heartbeat_interval + 10)
+            self._fence = threading.Event()
+            self._reset()
         if self._exit_code == 0:
             self._retire("shutdown")
         return self._exit_code
+
+    def _reset(self) -> None:
+        """Forget the retired incarnation: id, counters, namespace, actors."""
+        self.id = -1
+        self.seq = 0
+        self._exit_code = 0
+        self.started_at = time.time()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -130,13 +154,17 @@ class Engine:
         """Ctrl-C interrupts the running command; an idle engine shuts down."""
         if self._executing:
             raise KeyboardInterrupt()
-        self._on_sigterm(signum, frame)
+        if not self._fence.is_set():  # (a retired engine interrupts itself: not a shutdown)
+            self._on_sigterm(signum, frame)
 
     def _fenced(self, where: str) -> None:
-        log.error("engine %d: lease expired (%s); presumed dead by the cluster, exiting",
-                  self.id, where)
-        self._exit_code = EXIT_FENCED
-        self._stopping.set()
+        log.error("engine %d: retired by the cluster (%s): it was presumed dead", self.id, where)
+        self._fence.set()
+        if self._executing and self.handle_signals and \
+                threading.current_thread() is not threading.main_thread():
+            # Its command was failed already: stop the wasted work. A real signal, so that a
+            # blocking call (sleep, I/O) is interrupted too.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def _retire(self, mode: str) -> int:
         # Its own connection: the main one may be in the middle of a read.
@@ -153,6 +181,8 @@ class Engine:
     def _serve(self) -> None:
         # The read/complete loop retries by itself: a transparently retried XREADGROUP '>'
         # would leave an entry delivered by the lost attempt unseen in our PEL.
+        if getattr(self, "_loop_r", None) is not None:
+            self._loop_r.close()  # the connection of a retired incarnation
         self._loop_r = connect(self.settings.redis_url, retries=0, pool_size=1,
                                name=f"{self.keys.prefix}:e{self.id}:loop")
         inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
@@ -165,7 +195,8 @@ class Engine:
         # entry per stream and only happens when this is empty (no greedy prefetch).
         ready: list[tuple[str, bytes, dict[bytes, bytes] | None]] = []
         while True:
-            stopping = self._stopping.is_set()  # still complete what ran, read nothing more
+            # still complete what ran, read nothing more
+            stopping = self._stopping.is_set() or self._fence.is_set()
             pipe = self._loop_r.pipeline(transaction=False)
             if complete is not None:
                 pipe.evalsha(self.scripts.complete.sha, 5, *complete)
@@ -304,13 +335,13 @@ class Engine:
             size += len(v) if isinstance(v, (bytes, str)) else 8
         notify = 0 if client is None else (1 if size <= _NOTICE_INLINE_MAX else 2)
         keys = self.keys
-        return [stream, keys.heartbeat(self.id), keys.done(self.id),
+        return [stream, keys.fenced(self.id), keys.done(self.id),
                 keys.result(cmd_id), keys.replies(client or "-"),
                 entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
                 notify, op, result["status"], *flat]
 
     # ------------------------------------------------------------------ control thread
-    def _control_loop(self) -> None:
+    def _control_loop(self, fence: threading.Event) -> None:
         r = connect(self.settings.redis_url, retries=self.settings.retries)
         scripts = Scripts(r)
         ctl = self.keys.ctl(self.id)
@@ -318,13 +349,13 @@ class Engine:
         interval = self.settings.heartbeat_interval
         next_beat = 0.0
         ns_snapshot: dict[str, tuple[int, type]] = {}
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not fence.is_set():
             try:
                 now = time.monotonic()
                 if now >= next_beat:
                     if not self._heartbeat(scripts):
                         self._fenced("heartbeat")
-                        os._exit(EXIT_FENCED)  # its commands were failed by whoever reaped it
+                        return
                     ns_snapshot = self._publish_namespace(r, ns_snapshot)
                     next_beat = now + interval
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -346,7 +377,7 @@ class Engine:
 
     def _heartbeat(self, scripts: Scripts) -> bool:
         return bool(scripts.heartbeat(
-            keys=[self.keys.heartbeat(self.id), self.keys.engines],
+            keys=[self.keys.heartbeat(self.id), self.keys.engines, self.keys.fenced(self.id)],
             args=[self.id, self._ttl_ms(), json.dumps(self._info())]))
 
     def _publish_namespace(self, r: redis.Redis,

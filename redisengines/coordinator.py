@@ -149,8 +149,10 @@ class Client:
         return self.get_ids()
 
     def get_ids(self) -> list[int]:
+        listener = getattr(self, "_listener", None)
+        reap = listener is None or not listener.stalled()
         with translate_errors("ids"):
-            live = registry.live_ids(self.r, self.schema, self.settings, self.scripts)
+            live = registry.live_ids(self.r, self.schema, self.settings, self.scripts, reap)
         with self._lock:
             self._known = set(live)
         return live

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .connection import BLOCK_SECONDS, connect
-from .errors import CompositeError, ConnectionLostError, RedisEnginesError
+from .errors import (
+    ClusterStateLostError,
+    CompositeError,
+    ConnectionLostError,
+    RedisEnginesError,
+)
 from .registry import retire
 
 if TYPE_CHECKING:
@@ -268,6 +273,10 @@ class ReplyListener(threading.Thread):
         self._last = "0-0"
         self.events = client.schema.events
         self._events_last = events_from
+        self._epoch: bytes | None = client.r.get(client.schema.epoch)
+        # After the server stalled (frozen, paused), leases may have lapsed with the engines
+        # alive: they renew within a heartbeat interval, so nobody is reaped before that.
+        self._no_reap_until = 0.0
 
     def expect(self, cmd_id: str, pending: PendingResult, engine_id: int) -> None:
         """Route the notice for ``cmd_id`` to ``pending`` (call before sending the command)."""
@@ -308,7 +317,10 @@ class ReplyListener(threading.Thread):
                     pipe.xtrim(self.stream, minid=self._last, approximate=False)
                 pipe.xread({self.stream: self._last, self.events: self._events_last},
                            count=512, block=block_ms)
+                sent = time.monotonic()
                 resp = pipe.execute()[-1]
+                if time.monotonic() - sent > block_ms / 1000 + 1.0:
+                    self._no_reap_until = time.monotonic() + 2 * interval + 1.0
                 failures = 0
                 for stream, entries in resp or []:
                     if stream.decode() == self.events:
@@ -333,6 +345,8 @@ class ReplyListener(threading.Thread):
                 time.sleep(0.1)
 
     def _membership(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        if self._epoch is None:  # the first engine registered since we connected
+            self._epoch = self.r.get(self.client.schema.epoch)
         for entry_id, fields in entries:
             self._events_last = entry_id.decode()
             try:
@@ -389,8 +403,38 @@ class ReplyListener(threading.Thread):
         if oids:
             self.client.store.release_many(oids)
 
+    def stalled(self) -> bool:
+        """True shortly after the server stalled: lapsed leases are not proof of death then."""
+        return time.monotonic() < self._no_reap_until
+
+    def _check_state(self) -> bool:
+        """Fail everything pending with ClusterStateLostError if the server lost its state
+        (its epoch changed: a restart without persistence) or went back in time (a restore
+        from an older snapshot: the event stream is behind what we saw). True if lost."""
+        schema = self.client.schema
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(schema.epoch)
+        pipe.xrevrange(schema.events, count=1)
+        epoch, last = pipe.execute()
+        newest = last[0][0].decode() if last else "0-0"
+        went_back = _stream_id(newest) < _stream_id(self._events_last)
+        if self._epoch is None or (epoch == self._epoch and not went_back):
+            self._epoch = self._epoch or epoch
+            return False
+        why = ("went back in time (restored from an older snapshot)" if epoch == self._epoch
+               else "lost the cluster's state (restarted without persistence?)")
+        log.error("Redis %s: failing every pending result", why)
+        self._epoch, self._events_last, self._last = epoch, newest, "0-0"
+        self._fail_all(ClusterStateLostError(
+            f"the Redis server of cluster {self.client.cluster!r} {why}; this command's "
+            "outcome is unknown"))
+        self.client.get_ids()
+        return True
+
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
+        if self._check_state() or self.stalled():
+            return
         with self._lock:
             waiting = {eid for _, eid in self._routes.values()}
         if -1 in waiting:  # a load-balanced call may be on any engine
@@ -415,6 +459,11 @@ class ReplyListener(threading.Thread):
             routes, self._routes = self._routes, {}
         for pending, engine_id in routes.values():
             pending._deliver(engine_id, False, exc, "", "")
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(raw: bytes | None) -> str:

@@ -14,6 +14,9 @@ key                        type           TTL      what an operator reads there
                                                    XPENDING = running
 ``P:{e<id>}:ctl``          stream, capped none     out-of-band control (kill)
 ``P:{e<id>}:hb``           string         lease    heartbeat; missing = presumed dead
+``P:{e<id>}:fenced``       string         result   set when the engine was retired: its
+                                                   late writes are refused
+``P:epoch``                string         none     random token of this cluster's state
 ``P:{e<id>}:ns``           hash           none     namespace index: name -> type, size
 ``P:{e<id>}:done``         stream, capped none     completed commands; entry ``<n>-0``
                                                    is the n-th command
@@ -76,6 +79,13 @@ class Keys:
 
     def heartbeat(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:hb"
+
+    def fenced(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:fenced"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}:epoch"
 
     def namespace(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:ns"

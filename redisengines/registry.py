@@ -25,7 +25,8 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
     scripts = scripts or Scripts(r)
     return int(scripts.retire(
         keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
-              keys.ctl(engine_id), keys.tasks, keys.namespace(engine_id), keys.done(engine_id)],
+              keys.ctl(engine_id), keys.tasks, keys.fenced(engine_id),
+              keys.namespace(engine_id), keys.done(engine_id)],
         args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000), NONE_FRAME]))
 
 
@@ -60,8 +61,9 @@ def status(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
 
 
 def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
-             scripts: Scripts | None = None) -> list[int]:
-    """Ids of engines that hold a lease; engines whose lease expired are reaped on the way."""
+             scripts: Scripts | None = None, reap: bool = True) -> list[int]:
+    """Ids of engines that hold a lease; engines whose lease expired are reaped on the way
+    (with ``reap``; else they are only left out)."""
     candidates = [eid for eid, info in engines(r, keys).items() if info.get("state") != "dead"]
     if not candidates:
         return []
@@ -72,6 +74,6 @@ def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
     for eid, exists in zip(candidates, pipe.execute(), strict=True):
         if exists:
             alive.append(eid)
-        else:
+        elif reap:
             retire(r, keys, eid, "reap", settings, scripts)
     return alive

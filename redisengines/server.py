@@ -93,20 +93,37 @@ class EmbeddedServer:
         last_error = ""
         for _ in range(3):  # the free port may be taken between probe and bind
             self.port = free_port()
-            args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                    "--unixsocket", self.socket_path, "--unixsocketperm", "700",
-                    "--dir", str(self.dir), "--save", "", "--appendonly", "no",
-                    "--daemonize", "no", "--loglevel", "warning", "--logfile", self.log_path,
-                    "--maxmemory-policy", "noeviction", *self.extra_args]
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=set_parent_death_signal)
-            if self._wait_ready():
-                log.info("embedded server %s (pid %d) at %s", self.binary, self.proc.pid, self.url)
+            if self._launch():
                 return self
             last_error = self._stop_proc()
         shutil.rmtree(self.dir, ignore_errors=True)
         raise ServerStartError(f"{self.binary} did not start: {last_error.strip()[-500:]}")
+
+    def restart(self, *, nosave: bool = True) -> None:
+        """Stop the server (SIGKILL-like when ``nosave``) and start it again on the same port
+        and directory; whatever persistence ``extra_args`` configure decides what survives."""
+        if self.proc is not None:
+            if nosave:
+                self.proc.kill()
+                self.proc.wait(10)
+                self.proc = None
+            else:
+                self._stop_proc()
+        if not self._launch():
+            raise ServerStartError(f"{self.binary} did not restart: {self._stop_proc()[-500:]}")
+
+    def _launch(self) -> bool:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--unixsocket", self.socket_path, "--unixsocketperm", "700",
+                "--dir", str(self.dir), "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--loglevel", "warning", "--logfile", self.log_path,
+                "--maxmemory-policy", "noeviction", *self.extra_args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=set_parent_death_signal)
+        if not self._wait_ready():
+            return False
+        log.info("embedded server %s (pid %d) at %s", self.binary, self.proc.pid, self.url)
+        return True
 
     def _wait_ready(self) -> bool:
         assert self.proc is not None

@@ -1,13 +1,13 @@
 -- complete: store a command's result, notify its client, record it, and ack it; all or nothing.
--- KEYS[1] the entry's stream (P:{e<id>}:inbox or P:tasks)   KEYS[2] P:{e<id>}:hb
+-- KEYS[1] the entry's stream (P:{e<id>}:inbox or P:tasks)   KEYS[2] P:{e<id>}:fenced
 -- KEYS[3] P:{e<id>}:done
 -- KEYS[4] P:{r<cmd>}        KEYS[5] P:{c<client>}:replies
 -- ARGV[1] stream entry id   ARGV[2] command id   ARGV[3] sequence number n (done entry n-0)
 -- ARGV[4] result TTL (ms)   ARGV[5] done history length   ARGV[6] notify: 0 none, 1 full, 2 id only
 -- ARGV[7] op   ARGV[8] status   ARGV[9..] result hash field/value pairs
 -- Returns: 1; 2 when the entry was already completed (a retried call writes nothing twice);
--- -1 when the engine's lease has expired (fenced: nothing is written).
-if redis.call('EXISTS', KEYS[2]) == 0 then
+-- -1 when the engine was retired (fenced: nothing is written).
+if redis.call('EXISTS', KEYS[2]) == 1 then
   return -1
 end
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then

@@ -1,12 +1,16 @@
 -- heartbeat: renew an engine's lease and publish its state.
--- KEYS[1] P:{e<id>}:hb   KEYS[2] P:engines
+-- KEYS[1] P:{e<id>}:hb   KEYS[2] P:engines   KEYS[3] P:{e<id>}:fenced
 -- ARGV[1] engine id   ARGV[2] lease TTL (ms)   ARGV[3] engine info JSON
--- PEXPIRE is allowed when the server is out of memory (SET is not), so a full server does
--- not make engines lose their leases; the state update is best effort.
--- Returns: 1, or 0 when the lease had already expired: the engine is presumed dead by
--- everyone else and must not go on as this id.
-if redis.call('PEXPIRE', KEYS[1], ARGV[2]) == 0 then
+-- The decision that an engine is dead is retire.lua's (it sets the fence), not the lease's
+-- expiry: a lease that lapsed while the server was frozen or paused is taken up again if
+-- nobody retired the engine meanwhile. PEXPIRE is allowed at maxmemory (SET is not).
+-- Returns: 1; 0 when the engine was retired, or its registration is gone (the server lost
+-- its state): it must not go on under this id.
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
   return 0
+end
+if redis.call('PEXPIRE', KEYS[1], ARGV[2]) == 0 then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
 end
 redis.pcall('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
