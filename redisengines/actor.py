@@ -114,7 +114,7 @@ class Engine:
         while True:
             if self.id < 0:
                 self.register()
-            control = threading.Thread(target=self._control_loop, args=(self._fence,),
+            control = threading.Thread(target=self._control_loop, args=(self._fence, self.id),
                                        name=f"re-control-{self.id}", daemon=True)
             control.start()
             try:
@@ -157,9 +157,9 @@ class Engine:
         if not self._fence.is_set():  # (a retired engine interrupts itself: not a shutdown)
             self._on_sigterm(signum, frame)
 
-    def _fenced(self, where: str) -> None:
+    def _fenced(self, where: str, fence: threading.Event | None = None) -> None:
         log.error("engine %d: retired by the cluster (%s): it was presumed dead", self.id, where)
-        self._fence.set()
+        (fence or self._fence).set()
         if self._executing and self.handle_signals and \
                 threading.current_thread() is not threading.main_thread():
             # Its command was failed already: stop the wasted work. A real signal, so that a
@@ -341,10 +341,12 @@ class Engine:
                 notify, op, result["status"], *flat]
 
     # ------------------------------------------------------------------ control thread
-    def _control_loop(self, fence: threading.Event) -> None:
+    def _control_loop(self, fence: threading.Event, engine_id: int) -> None:
+        """One incarnation's side thread: it uses only its own ``fence`` and ``engine_id``,
+        so that a late one cannot touch the next incarnation."""
         r = connect(self.settings.redis_url, retries=self.settings.retries)
         scripts = Scripts(r)
-        ctl = self.keys.ctl(self.id)
+        ctl = self.keys.ctl(engine_id)
         last = "0-0"
         interval = self.settings.heartbeat_interval
         next_beat = 0.0
@@ -353,8 +355,8 @@ class Engine:
             try:
                 now = time.monotonic()
                 if now >= next_beat:
-                    if not self._heartbeat(scripts):
-                        self._fenced("heartbeat")
+                    if not self._heartbeat(scripts, engine_id):
+                        self._fenced("heartbeat", fence)
                         return
                     ns_snapshot = self._publish_namespace(r, ns_snapshot)
                     next_beat = now + interval
@@ -375,10 +377,11 @@ class Engine:
                 log.exception("engine %d: unexpected error in the control thread", self.id)
                 time.sleep(interval)
 
-    def _heartbeat(self, scripts: Scripts) -> bool:
+    def _heartbeat(self, scripts: Scripts, engine_id: int) -> bool:
+        keys = self.keys
         return bool(scripts.heartbeat(
-            keys=[self.keys.heartbeat(self.id), self.keys.engines, self.keys.fenced(self.id)],
-            args=[self.id, self._ttl_ms(), json.dumps(self._info())]))
+            keys=[keys.heartbeat(engine_id), keys.engines, keys.fenced(engine_id)],
+            args=[engine_id, self._ttl_ms(), json.dumps(self._info())]))
 
     def _publish_namespace(self, r: redis.Redis,
                            before: dict[str, tuple[int, type]]) -> dict[str, tuple[int, type]]:

@@ -43,7 +43,7 @@ from .futures import Finalize, PendingResult, ReplyListener, completed
 from .keys import ENGINE_GROUP, Keys
 from .protocol import entry
 from .scripts import Scripts
-from .serialization import check_size, serialize
+from .serialization import Serialized, check_size, serialize
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -306,10 +306,17 @@ class Client:
             exc.engine_id = engine_id  # type: ignore[attr-defined]
             return False, exc
 
-    def _payload(self, obj: Any, n: int, what: str) -> dict[str, Any]:
-        """Message fields carrying ``obj`` to ``n`` engines, written to Redis once."""
+    def _serialized(self, obj: Any, what: str) -> Serialized:
+        """``obj`` serialized and within ``max_object_size``; nothing is written yet."""
         ser = serialize(obj, what=what)
         check_size(ser, self.settings.max_object_size, what=what)
+        return ser
+
+    def _payload(self, obj: Any, n: int, what: str,
+                 ser: Serialized | None = None) -> dict[str, Any]:
+        """Message fields carrying ``obj`` (or its ``ser``) to ``n`` engines, written once."""
+        if ser is None:
+            ser = self._serialized(obj, what)
         with translate_errors(what):
             fields = self.store.fields_for(ser, refs=n)
         fields["size"] = ser.nbytes
@@ -406,10 +413,13 @@ class Client:
             length = len(seq)
         except TypeError:
             raise TypeError(f"scatter needs a sequence, not {type(seq).__name__}") from None
-        per_target = {}
-        for eid, (lo, hi) in zip(eids, partition(length, len(eids)), strict=True):
-            per_target[eid] = {"names": [name],
-                               **self._payload({name: seq[lo:hi]}, 1, f"part of {name!r}")}
+        what = f"part of {name!r}"
+        # Every part is serialized and checked before any is written: a bad part leaves
+        # nothing behind.
+        parts = [self._serialized({name: seq[lo:hi]}, what)
+                 for lo, hi in partition(length, len(eids))]
+        per_target = {eid: {"names": [name], **self._payload(None, 1, what, ser)}
+                      for eid, ser in zip(eids, parts, strict=True)}
         return self._submit("push", targets, per_target=per_target, block=block,
                             timeout=timeout, ids=(eids, single))
 
@@ -475,11 +485,15 @@ class Client:
                          self.schema.prefix, ttl)
         with translate_errors("clear_queue"):
             try:
-                counts = pipe.execute()
+                replies = pipe.execute()
             except redis.exceptions.NoScriptError:
-                counts = [self.scripts.clear_queue(keys=[self.schema.inbox(eid)],
-                                                   args=[eid, self.schema.prefix, ttl])
-                          for eid in eids]
+                replies = [self.scripts.clear_queue(keys=[self.schema.inbox(eid)],
+                                                    args=[eid, self.schema.prefix, ttl])
+                           for eid in eids]
+            objects = [oid.decode() for reply in replies for oid in reply[1:]]
+            if objects:  # what the dropped pushes carried
+                self.store.release_many(objects)
+        counts = [int(reply[0]) for reply in replies]
         return self._answer(dict(zip(eids, counts, strict=True)), single, block)
 
     def get_result(self, i: int = -1, targets: Targets = "all", block: bool = True,

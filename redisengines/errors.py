@@ -8,6 +8,7 @@ The tree::
     ├── DeserializationError                      bytes cannot be unpickled
     ├── ObjectTooBigError                         an object over max_object_size
     ├── ObjectLostError (also KeyError)           a paged object expired or was removed
+    ├── ObjectIntegrityError                      a page does not match its manifest
     ├── ProtocolError                             a stream entry that is not a command
     ├── RemoteError                               user code raised on an engine; each instance
     │                                             is also an instance of the original class
@@ -72,6 +73,11 @@ class ObjectLostError(RedisEnginesError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ObjectIntegrityError(RedisEnginesError):
+    """Raised when a stored object's page does not match its manifest (swapped, truncated
+    or altered); nothing is built from it."""
 
 
 class ProtocolError(RedisEnginesError):

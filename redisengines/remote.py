@@ -30,6 +30,7 @@ from .connection import translate_errors
 from .errors import ActorDiedError, QueueFullError, SerializationError, system_record
 from .futures import PendingResult
 from .protocol import FutureRef, entry
+from .serialization import Serialized
 
 if TYPE_CHECKING:
     from .coordinator import Client
@@ -233,14 +234,15 @@ def _references(values: tuple[Any, ...] | dict[str, Any]) -> tuple[Any, list[Pen
 
 def _call(client: Client, op: str, *, target: int | None, lane: str | None, payload: Any,
           what: str, fields: dict[str, Any], deps: list[PendingResult],
-          timeout: float | None, actor: ActorHandle | None = None) -> PendingResult:
+          timeout: float | None, actor: ActorHandle | None = None,
+          ser: Serialized | None = None) -> PendingResult:
     """Serialize now (errors raise here, before anything is sent), send when ready."""
     cmd_id = client._new_id()
     eid = ANY_ENGINE if target is None else target
     pending = client._pending(op, {eid: cmd_id}, single=True)
     pending._deps = deps  # type: ignore[attr-defined]  # keeps argument values alive
     pending._canceller = client._dispatcher.cancel
-    body = client._payload(payload, 1, what)
+    body = client._payload(payload, 1, what, ser)
     if "obj" in body:
         pending._objects.append(body["obj"])  # released with the future
     stream = client.schema.tasks if target is None else client.schema.inbox(target)
@@ -341,16 +343,17 @@ class ActorClass:
                             if not m.startswith("_") and callable(getattr(self._cls, m, None)))
         handle = ActorHandle(aid, eid, self._cls.__qualname__, methods, self._options.name,
                              client=client)
-        if handle.name is not None:
-            client._name_actor(handle)
         a, deps = _references(args)
         kw, kdeps = _references(kwargs)
+        payload = (self._pickled.digest, self._pickled.blob, a, kw)
+        what = f"actor {self._cls.__qualname__}"
+        ser = client._serialized(payload, what)  # fails before the name is taken
+        if handle.name is not None:
+            client._name_actor(handle)
         handle._created = _call(
-            client, "actor_new", target=eid, lane=aid,
-            payload=(self._pickled.digest, self._pickled.blob, a, kw),
-            what=f"actor {self._cls.__qualname__}", fields={"actor": aid,
-                                                             "cls": self._cls.__qualname__},
-            deps=deps + kdeps, timeout=None)
+            client, "actor_new", target=eid, lane=aid, payload=payload, what=what,
+            fields={"actor": aid, "cls": self._cls.__qualname__}, deps=deps + kdeps,
+            timeout=None, ser=ser)
         return handle
 
 

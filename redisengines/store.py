@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ import redis
 
 from .config import Settings
 from .connection import bulk_client
-from .errors import DeserializationError, ObjectLostError
+from .errors import DeserializationError, ObjectIntegrityError, ObjectLostError
 from .keys import Keys
 from .scripts import Scripts
 from .serialization import Serialized, check_size, deserialize, pack, serialize, unpack
@@ -87,19 +88,22 @@ class ObjectStore:
         lengths = [s.nbytes for s in ser.segments]
         pages = plan_pages(lengths, self.settings.page_size)
         ttl_ms = int(self.settings.result_ttl * 1000)
+        views = [ser.segments[seg][start:end] for seg, start, end in pages]
         manifest: dict[str, Any] = {
             "segments": json.dumps(lengths),
             "page_size": self.settings.page_size,
             "pages": len(pages),
             "size": sum(lengths),
+            # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
+            "crc": json.dumps([zlib.crc32(v) for v in views]),
         }
         if refs is not None:
             manifest["refs"] = refs
         if self._bulk is None:
             self._bulk = bulk_client(self.r)
         pipe = self._bulk.pipeline(transaction=False)
-        for n, (seg, start, end) in enumerate(pages):
-            pipe.set(self.keys.page(oid, n), ser.segments[seg][start:end], px=ttl_ms)
+        for n, view in enumerate(views):
+            pipe.set(self.keys.page(oid, n), view, px=ttl_ms)
         mkey = self.keys.manifest(oid)
         pipe.hset(mkey, mapping=manifest)
         pipe.pexpire(mkey, ttl_ms)
@@ -114,6 +118,7 @@ class ObjectStore:
             "segments": json.loads(raw[b"segments"]),
             "page_size": int(raw[b"page_size"]),
             "pages": int(raw[b"pages"]),
+            "crc": json.loads(raw[b"crc"]) if b"crc" in raw else None,
         }
 
     def get_segments(self, oid: str) -> list[Any]:
@@ -123,6 +128,7 @@ class ObjectStore:
         pages = plan_pages(lengths, man["page_size"])
         if len(pages) != man["pages"]:
             raise ObjectLostError(f"object {oid}: manifest and page plan disagree")
+        crcs: list[int] | None = man["crc"]
         buffers = [bytearray(n) for n in lengths]
         views = [memoryview(b) for b in buffers]
         for batch_start, batch in _batches(pages, READ_BATCH):
@@ -130,11 +136,14 @@ class ObjectStore:
             for i in range(len(batch)):
                 pipe.get(self.keys.page(oid, batch_start + i))
             for i, ((seg, start, end), data) in enumerate(zip(batch, pipe.execute(), strict=True)):
-                if data is None or len(data) != end - start:
-                    got = "missing" if data is None else f"{len(data)} bytes"
-                    raise ObjectLostError(
-                        f"object {oid}: page {batch_start + i} is {got}, "
-                        f"expected {end - start} bytes")
+                n = batch_start + i
+                if data is None:
+                    raise ObjectLostError(f"object {oid}: page {n} is missing (expired or "
+                                          "deleted)")
+                if len(data) != end - start or (crcs is not None and zlib.crc32(data) != crcs[n]):
+                    raise ObjectIntegrityError(
+                        f"object {oid}: page {n} does not match the manifest ({len(data)} bytes, "
+                        f"expected {end - start} with its checksum): swapped, cut or altered")
                 views[seg][start:end] = data
         return [views[0], *buffers[1:]]
 

@@ -68,7 +68,8 @@ class Gate:
         self.r = r
         self.started_key = f"test:gate:{tag}:started"
         self.open_key = f"test:gate:{tag}:open"
-        connect = f"__import__('redis').Redis.from_url({url!r})"
+        # No socket timeout: redis-py's default (5 s) would end the hold early.
+        connect = f"__import__('redis').Redis.from_url({url!r}, socket_timeout=None)"
         # No names are left in the engine's namespace.
         self.code = (f"{connect}.rpush({self.started_key!r}, 1)\n"
                      f"{connect}.blpop([{self.open_key!r}], {HOLD_LIMIT})\n")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from redisengines.config import Settings
-from redisengines.errors import ObjectLostError
+from redisengines.errors import ObjectIntegrityError, ObjectLostError
 from redisengines.keys import Keys
 from redisengines.scripts import Scripts
 from redisengines.serialization import serialize
@@ -48,7 +48,18 @@ def test_missing_or_truncated_page_is_detected(store: ObjectStore) -> None:
     with pytest.raises(ObjectLostError, match="page 3 is missing"):
         store.get(oid)
     store.r.set(store.keys.page(oid, 3), b"short")
-    with pytest.raises(ObjectLostError, match="page 3 is 5 bytes"):
+    with pytest.raises(ObjectIntegrityError, match="page 3 does not match"):
+        store.get(oid)
+
+
+def test_swapped_pages_are_detected(store: ObjectStore) -> None:
+    oid = store.put(serialize(np.arange(50_000, dtype=np.float64)))
+    p2, p3 = store.keys.page(oid, 2), store.keys.page(oid, 3)
+    a, b = store.r.get(p2), store.r.get(p3)
+    assert len(a) == len(b)
+    store.r.set(p2, b)
+    store.r.set(p3, a)
+    with pytest.raises(ObjectIntegrityError, match="page 2 does not match"):
         store.get(oid)
 
 

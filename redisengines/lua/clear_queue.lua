@@ -3,19 +3,22 @@
 -- ARGV[1] engine id   ARGV[2] prefix P   ARGV[3] result TTL (ms)
 -- The running command (delivered, in the PEL) is left alone. Atomic with respect to the
 -- engine's reads: every entry is either delivered or dropped, never both.
--- Returns: the number of commands dropped.
+-- Returns: {number of commands dropped, ids of the paged objects they carried...}: each
+-- dropped command held one reference to its object, which the caller releases.
 local started = {}
 local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], 'engine', '-', '+', 1000000)
 if ok then
   for _, p in ipairs(pending) do started[p[1]] = true end
 end
 local dropped = 0
+local objects = {}
 for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
   if not started[entry[1]] then
     local f = {}
     local kv = entry[2]
     for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
     redis.call('XDEL', KEYS[1], entry[1])
+    if f['obj'] then objects[#objects + 1] = f['obj'] end
     local cmd = f['id']
     if cmd then
       local err = cjson.encode({kind = 'system', type = 'CancelledError',
@@ -33,4 +36,4 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
     dropped = dropped + 1
   end
 end
-return dropped
+return {dropped, unpack(objects)}
