@@ -33,6 +33,7 @@ import redis
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 from . import __version__
+from .checks import eviction_policy, runtime
 from .commands import Namespace, describe
 from .config import Settings
 from .connection import BLOCK_SECONDS, connect
@@ -84,6 +85,7 @@ class Engine:
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
+        eviction_policy(self.r)
         info = self._info()
         self.id = int(self.scripts.register(
             keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks,
@@ -428,7 +430,8 @@ class Engine:
         info: dict[str, Any] = {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "started": round(self.started_at, 3), "version": __version__,
-            "python": sys.version.split()[0], "state": "busy" if current else "idle",
+            "python": sys.version.split()[0], "cloudpickle": runtime()["cloudpickle"],
+            "state": "busy" if current else "idle",
             "completed": self.seq,
         }
         if current:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import redis
 
-from . import registry
+from . import checks, registry
 from .config import Settings
 from .connection import connect as redis_connect
 from .connection import translate_errors
@@ -110,6 +110,8 @@ class Client:
             self.scripts.load("submit", "cancel", "clear_queue", "release_object")
             events_from = registry.last_event_id(self.r, self.schema)
             self.get_ids()
+            checks.eviction_policy(self.r)
+            checks.mismatches(registry.engines(self.r, self.schema))
         self._listener = ReplyListener(self, events_from)
         self._listener.start()
         from .remote import Dispatcher
