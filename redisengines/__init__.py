@@ -53,7 +53,9 @@ def connect(url: str | None = None, cluster: str | None = None, **settings: obje
             ``redisengines start`` wrote for this cluster.
         cluster: the cluster name (keys live under ``re:<cluster>:``); default
             ``REDISENGINES_CLUSTER`` or ``"default"``.
-        **settings: any other :class:`Settings` field, overriding the environment.
+        **settings: any other :class:`Settings` field, overriding the environment; above
+            all ``key``, the cluster's signing key (``cluster.key``, ``REDISENGINES_KEY``, or
+            the connection file of ``redisengines start``).
     """
     s = Settings.from_env(redis_url=url, cluster=cluster, **settings)
     if not s.redis_url:
@@ -61,7 +63,7 @@ def connect(url: str | None = None, cluster: str | None = None, **settings: obje
 
         running = runfile.live(s.cluster)
         if running is not None:
-            s = s.replace(redis_url=running.url)
+            s = s.replace(redis_url=running.url, key=s.key or running.key)
     if not s.redis_url:
         raise ValueError("no server URL: pass url=..., set REDISENGINES_REDIS_URL, run "
                          "`redisengines start`, or use redisengines.Cluster() to start one")

@@ -27,12 +27,13 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
-from . import __version__
+from . import __version__, signing
 from .checks import eviction_policy, runtime
 from .commands import Namespace, describe
 from .config import Settings
@@ -43,6 +44,7 @@ from .launcher import set_parent_death_signal
 from .protocol import Command, identify
 from .registry import retire
 from .scripts import Scripts
+from .signing import SignatureError
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 EXIT_PARENT_GONE = 4
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _STDOUT_MAX = 1 << 20
+_SEEN_KEPT = 100_000
 # Notices up to this size carry the whole result; larger ones make the client fetch it.
 _NOTICE_INLINE_MAX = 64 * 1024
 
@@ -80,12 +83,16 @@ class Engine:
         self._current: tuple[str, str, float] | None = None
         self._exit_code = 0
         self._killed = threading.Event()
+        self._seen: OrderedDict[str, None] = OrderedDict()  # command ids run, for replays
         self._fence = threading.Event()  # set when this incarnation was retired
         self._faults = parse_faultpoints(os.environ.get(FAULTPOINT_ENV, ""))
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
         eviction_policy(self.r)
+        if self.store.signer is not None:  # timestamps are checked on the Redis clock
+            sec, usec = self.r.time()
+            self.store.signer.clock_offset = sec + usec / 1e6 - time.time()
         info = self._info()
         self.id = int(self.scripts.register(
             keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks,
@@ -276,6 +283,8 @@ class Engine:
         if self._faults:
             self._faultpoint("after_read")
         try:
+            if self.store.signer is not None:
+                self._authenticate(stream, fields)
             cmd = Command.decode(entry_id, fields)
         except (ProtocolError, ValueError) as exc:
             cmd_id, client = identify(fields)
@@ -283,8 +292,11 @@ class Engine:
             record = error_record(ProtocolError(str(exc)), engine_id=self.id, op="invalid",
                                   cmd_id=cmd_id)
             result = {"status": "error", "error": json.dumps(record)}
-            return self._complete_args(stream, entry_id, cmd_id or f"invalid-{entry_id}", client,
-                                       "invalid", result, started)
+            # Stored under its own key: the id it claims may name someone else's result
+            # (a replay), which must not be overwritten. The named client is still told.
+            invalid = f"invalid-{self.id}-{entry_id}"  # entry ids repeat across streams
+            return self._complete_args(stream, entry_id, cmd_id or invalid, client, "invalid",
+                                       result, started, result_key=self.keys.result(invalid))
         self._current = (cmd.id, cmd.op, started)
         out, err = io.StringIO(), io.StringIO()
         saved = sys.stdout, sys.stderr
@@ -314,6 +326,22 @@ class Engine:
             self._faultpoint("before_ack")
         return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
 
+    def _authenticate(self, stream: str, fields: dict[bytes, bytes]) -> None:
+        """Refuse (SignatureError) an entry not signed for this stream, or one already run:
+        copied from another stream, altered, forged, or replayed."""
+        signer = self.store.signer
+        assert signer is not None
+        signer.verify(fields, stream, max_age=self.settings.result_ttl)
+        cmd_id = fields.get(b"id", b"").decode("utf-8", "replace")
+        replayed = cmd_id in self._seen
+        if not replayed and stream == self.keys.tasks:  # another engine may have run it
+            replayed = self.r.hget(self.keys.result(cmd_id), "status") in (b"ok", b"error")
+        if replayed:
+            raise SignatureError(f"command {cmd_id} was already run: a replayed entry")
+        self._seen[cmd_id] = None
+        if len(self._seen) > _SEEN_KEPT:
+            self._seen.popitem(last=False)
+
     def _error_fields(self, exc: BaseException, cmd: Command) -> dict[str, Any]:
         tb = exc.__traceback__
         skip = 0  # drop the engine's own frames above the user's
@@ -328,8 +356,12 @@ class Engine:
         return fields
 
     def _complete_args(self, stream: str, entry_id: str, cmd_id: str, client: str | None,
-                       op: str, result: dict[str, Any], started: float) -> list[Any]:
+                       op: str, result: dict[str, Any], started: float,
+                       result_key: str | None = None) -> list[Any]:
         result.update(engine=self.id, op=op, started=started, finished=time.time())
+        result_key = result_key or self.keys.result(cmd_id)
+        if self.store.signer is not None:
+            self.store.signer.sign(result, result_key, stamp=False, skip=signing.RESULT)
         flat: list[Any] = []
         size = 0
         for k, v in result.items():
@@ -338,7 +370,7 @@ class Engine:
         notify = 0 if client is None else (1 if size <= _NOTICE_INLINE_MAX else 2)
         keys = self.keys
         return [stream, keys.fenced(self.id), keys.done(self.id),
-                keys.result(cmd_id), keys.replies(client or "-"),
+                result_key, keys.replies(client or "-"),
                 entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
                 notify, op, result["status"], *flat]
 
@@ -401,6 +433,13 @@ class Engine:
 
     def _control(self, r: redis.Redis, fields: dict[bytes, bytes]) -> None:
         op = fields.get(b"op", b"").decode("utf-8", "replace")
+        if self.store.signer is not None:
+            try:
+                self.store.signer.verify(fields, self.keys.ctl(self.id),
+                                         max_age=self.settings.result_ttl)
+            except SignatureError as exc:
+                log.warning("engine %d: refusing a control entry: %s", self.id, exc)
+                return
         if op != "kill":
             log.warning("engine %d: ignoring unknown control entry %r", self.id, op)
             return

@@ -62,7 +62,7 @@ def _settings(url: str | None, cluster: str | None, *, need_url: bool = True) ->
     if running is None:
         raise _fail(f"no server URL for cluster {settings.cluster!r}: pass --url, set "
                     "REDISENGINES_REDIS_URL, or run `redisengines start` first")
-    return settings.replace(redis_url=running.url)
+    return settings.replace(redis_url=running.url, key=settings.key or running.key)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import secrets
 import subprocess
 from typing import Any
 
@@ -32,7 +33,11 @@ class Cluster:
             raise ValueError("n must be >= 0")
         self.n = n
         base = settings or Settings.from_env()
-        self.settings = base.replace(cluster=cluster) if cluster else base
+        if cluster:
+            base = base.replace(cluster=cluster)
+        if base.key is None:  # a cluster started here signs everything, with a fresh key
+            base = base.replace(key=secrets.token_hex(32))
+        self.settings = base
         self._url = url or self.settings.redis_url
         self.server: EmbeddedServer | None = None
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -55,6 +60,12 @@ class Cluster:
     @property
     def name(self) -> str:
         return self.settings.cluster
+
+    @property
+    def key(self) -> str | None:
+        """The cluster's signing key (hex): what another process needs besides the URL to
+        join it (``connect(url, cluster=..., key=...)`` or ``REDISENGINES_KEY``)."""
+        return self.settings.key
 
     def start(self) -> Cluster:
         if self._started:

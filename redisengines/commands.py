@@ -17,9 +17,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from . import signing
 from .errors import ActorDiedError, DeserializationError, ObjectLostError, error_from_fields
 from .protocol import Command, FutureRef
 from .serialization import to_pickle
+from .signing import needs_signature
 from .store import ObjectStore
 
 # Source of recent `execute` commands stays in linecache so tracebacks show the lines.
@@ -132,6 +134,9 @@ class Namespace:
         if not fields:
             raise ObjectLostError(f"the result of {value.cmd_id}, passed as an argument, "
                                   "is gone (expired or never stored)")
+        signer = self.store.signer
+        if signer is not None and needs_signature(fields):
+            signer.verify(fields, self.store.keys.result(value.cmd_id), skip=signing.RESULT)
         if fields.get(b"status") != b"ok":
             raise error_from_fields(fields)
         return self.store.decode(fields, what=f"result of {value.cmd_id}")

@@ -18,6 +18,7 @@ variable                                field                default
 ``REDISENGINES_MAX_QUEUE``              ``max_queue``        100000 commands per stream
 ``REDISENGINES_RETRIES``                ``retries``          8 (about 7 s of backoff)
 ``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
+``REDISENGINES_KEY``                    ``key``              none (``Cluster`` makes one)
 ======================================  ===================  ==========================
 """
 
@@ -48,6 +49,8 @@ class Settings:
     max_queue: int = 100_000
     retries: int = 8
     server_bin: str | None = None
+    # The cluster's signing key (hex); None: messages are neither signed nor checked.
+    key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.cluster or any(c in self.cluster for c in "{}: \t\n"):

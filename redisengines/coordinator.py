@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import redis
 
-from . import checks, registry
+from . import checks, registry, signing
 from .config import Settings
 from .connection import connect as redis_connect
 from .connection import translate_errors
@@ -44,6 +45,7 @@ from .keys import ENGINE_GROUP, Keys
 from .protocol import entry
 from .scripts import Scripts
 from .serialization import Serialized, check_size, serialize
+from .signing import SignatureError, needs_signature
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,9 @@ class Client:
         self._unreferenced: collections.deque[str] = collections.deque()
         self._actors_placed: collections.Counter[int] = collections.Counter()
         with translate_errors("connect"):
+            if self.store.signer is not None:  # timestamps on the Redis clock
+                sec, usec = self.r.time()
+                self.store.signer.clock_offset = sec + usec / 1e6 - time.time()
             self.scripts.load("submit", "cancel", "clear_queue", "release_object")
             events_from = registry.last_event_id(self.r, self.schema)
             self.get_ids()
@@ -265,6 +270,11 @@ class Client:
                     f"(REDISENGINES_MAX_QUEUE); {op} was not queued there"), "", "")
         return self._finish(pending, block, timeout)
 
+    def _signed(self, fields: dict[str, Any], stream: str) -> dict[str, Any]:
+        """``fields`` signed for ``stream`` when the cluster has a key."""
+        signer = self.store.signer
+        return signer.sign(dict(fields), stream) if signer is not None else fields
+
     def _enqueue(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[str | None]:
         """Queue commands (stream, command id, fields) with ``submit.lua`` in one round trip.
 
@@ -276,7 +286,7 @@ class Client:
         for _ in range(2):
             pipe = self.r.pipeline(transaction=False)
             for stream, cmd_id, fields in items:
-                flat = [x for kv in fields.items() for x in kv]
+                flat = [x for kv in self._signed(fields, stream).items() for x in kv]
                 pipe.evalsha(sha, 2, stream, self.schema.result(cmd_id), *args, *flat)
             try:
                 replies = pipe.execute()
@@ -297,10 +307,23 @@ class Client:
     def _finish(pending: PendingResult, block: bool, timeout: float | None) -> Any:
         return pending.result(timeout) if block else pending
 
-    def _outcome(self, fields: dict[bytes, bytes], engine_id: int) -> tuple[bool, Any]:
-        """``(ok, value or exception)`` for a result's fields."""
+    def _verify(self, fields: dict[bytes, bytes], key: str) -> None:
+        """Refuse a result (stored at ``key``) that would be unpickled unless it was signed."""
+        signer = self.store.signer
+        if signer is not None and needs_signature(fields):
+            signer.verify(fields, key, skip=signing.RESULT)
+
+    def _outcome(self, fields: dict[bytes, bytes], engine_id: int,
+                 key: str) -> tuple[bool, Any]:
+        """``(ok, value or exception)`` for a result's fields, stored at ``key``."""
+        try:
+            self._verify(fields, key)
+        except SignatureError as exc:
+            return False, exc
         if fields.get(b"status") != b"ok":
             return False, error_from_fields(fields)
+        if b"value" not in fields and b"obj" not in fields:
+            return True, None  # a result without a value (a kill answered by retire.lua)
         op = fields.get(b"op", b"").decode()
         try:
             return True, self.store.decode(fields, what=f"result of {op} from engine {engine_id}")
@@ -443,7 +466,9 @@ class Client:
             self._listener.expect(cmd_id, pending, eid)
         pipe = self.r.pipeline(transaction=False)
         for eid, cmd_id in cmd_ids.items():
-            pipe.xadd(self.schema.ctl(eid), {"op": "kill", "id": cmd_id, "client": self.client_id},
+            ctl = self.schema.ctl(eid)
+            pipe.xadd(ctl, self._signed({"op": "kill", "id": cmd_id, "client": self.client_id},
+                                        ctl),
                       maxlen=100, approximate=True)
         with translate_errors("kill"):
             pipe.execute()
@@ -530,11 +555,12 @@ class Client:
         if not found:
             raise _missing_result(eid, f"engine {eid} has no record of command {i}")
         cmd_id = found[0][1][b"id"].decode()
-        fields = self.r.hgetall(self.schema.result(cmd_id))
+        key = found[0][1].get(b"key", self.schema.result(cmd_id).encode()).decode()
+        fields = self.r.hgetall(key)
         if not fields:
             raise _missing_result(eid, f"the result of command {i} ({cmd_id}) on engine {eid} "
                                        "has expired")
-        ok, value = self._outcome(fields, eid)
+        ok, value = self._outcome(fields, eid, key)
         if not ok and isinstance(value, ObjectLostError) and b"obj" in fields:
             value = ObjectLostError(
                 f"the value of command {i} ({cmd_id}) on engine {eid} was a large object, "
@@ -575,6 +601,8 @@ class Client:
             pending._objects.append(fields["obj"])
         key = self.schema.result(put_id)
         pipe = self.r.pipeline(transaction=False)
+        if self.store.signer is not None:
+            self.store.signer.sign(fields, key, stamp=False, skip=signing.RESULT)
         pipe.hset(key, mapping=fields)
         pipe.pexpire(key, int(self.settings.result_ttl * 1000))
         with translate_errors("put"):

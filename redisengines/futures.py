@@ -383,6 +383,11 @@ class ReplyListener(threading.Thread):
             pending._ran_on = int(fields[b"engine"])
         oid = fields.get(b"obj")
         if oid is not None and fields.get(b"status") == b"ok":
+            try:
+                self.client._verify(fields, self.client.schema.result(cmd_id))
+            except RedisEnginesError as exc:
+                pending._deliver(engine_id, False, exc, "", "")
+                return
             pending._objects.append(oid.decode())
             if pending.single and pending._finalize is None:
                 # Fetched on first result(): not on this thread, and not at all for a
@@ -391,7 +396,7 @@ class ReplyListener(threading.Thread):
                 pending._deliver(engine_id, True, _Paged(oid.decode(), what, engine_id),
                                  _text(fields.get(b"stdout")), _text(fields.get(b"stderr")))
                 return
-        ok, value = self.client._outcome(fields, engine_id)
+        ok, value = self.client._outcome(fields, engine_id, self.client.schema.result(cmd_id))
         pending._deliver(engine_id, ok, value, _text(fields.get(b"stdout")),
                          _text(fields.get(b"stderr")))
 

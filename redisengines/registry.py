@@ -10,9 +10,6 @@ import redis
 from .config import Settings
 from .keys import Keys
 from .scripts import Scripts
-from .serialization import dumps
-
-NONE_FRAME = dumps(None)
 
 
 def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Settings,
@@ -27,7 +24,7 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
         keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
               keys.ctl(engine_id), keys.tasks, keys.fenced(engine_id),
               keys.namespace(engine_id), keys.done(engine_id)],
-        args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000), NONE_FRAME]))
+        args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000)]))
 
 
 def last_event_id(r: redis.Redis, keys: Keys) -> str:

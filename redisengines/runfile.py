@@ -52,6 +52,7 @@ class RunInfo:
     cluster: str
     pid: int
     started: float
+    key: str | None = field(default=None, repr=False)  # the cluster's signing key
 
 
 def home() -> Path:
@@ -76,7 +77,7 @@ def read(cluster: str) -> RunInfo | None:
     try:
         data = json.loads(path(cluster).read_text())
         return RunInfo(url=str(data["url"]), cluster=str(data["cluster"]), pid=int(data["pid"]),
-                       started=float(data["started"]))
+                       started=float(data["started"]), key=data.get("key"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -233,7 +234,8 @@ def supervise(n: int, settings: Settings) -> int:
     except (RedisEnginesError, redis.RedisError, OSError, TimeoutError) as exc:
         log.error("cluster %r did not start: %s: %s", settings.cluster, type(exc).__name__, exc)
         return 1
-    info = RunInfo(url=cluster.url, cluster=cluster.name, pid=os.getpid(), started=time.time())
+    info = RunInfo(url=cluster.url, cluster=cluster.name, pid=os.getpid(), started=time.time(),
+                   key=cluster.key)
     try:
         try:
             _write(info)

@@ -27,6 +27,7 @@ from .errors import DeserializationError, ObjectIntegrityError, ObjectLostError
 from .keys import Keys
 from .scripts import Scripts
 from .serialization import Serialized, check_size, deserialize, pack, serialize, unpack
+from .signing import MANIFEST, SignatureError, Signer
 
 # Pages fetched per round trip when reading: bounds the memory held twice.
 READ_BATCH = 8
@@ -49,6 +50,7 @@ class ObjectStore:
     def __init__(self, r: redis.Redis, keys: Keys, settings: Settings, scripts: Scripts) -> None:
         self.r = r
         self._bulk: redis.Redis | None = None
+        self.signer = Signer(settings.key) if settings.key else None
         self.keys = keys
         self.settings = settings
         self.scripts = scripts
@@ -94,9 +96,13 @@ class ObjectStore:
             "page_size": self.settings.page_size,
             "pages": len(pages),
             "size": sum(lengths),
-            # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
-            "crc": json.dumps([zlib.crc32(v) for v in views]),
         }
+        if self.signer is None:
+            # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
+            manifest["crc"] = json.dumps([zlib.crc32(v) for v in views])
+        else:  # a keyed BLAKE2b per page and a signed manifest: no one else can forge them
+            manifest["mac"] = json.dumps([self.signer.page_tag(v) for v in views])
+            self.signer.sign(manifest, self.keys.manifest(oid), stamp=False, skip=MANIFEST)
         if refs is not None:
             manifest["refs"] = refs
         if self._bulk is None:
@@ -114,11 +120,17 @@ class ObjectStore:
         raw = self.r.hgetall(self.keys.manifest(oid))
         if not raw:
             raise ObjectLostError(f"object {oid} is gone (expired, released or never committed)")
+        if self.signer is not None:
+            try:
+                self.signer.verify(raw, self.keys.manifest(oid), skip=MANIFEST)
+            except SignatureError as exc:
+                raise ObjectIntegrityError(f"object {oid}: {exc}") from None
         return {
             "segments": json.loads(raw[b"segments"]),
             "page_size": int(raw[b"page_size"]),
             "pages": int(raw[b"pages"]),
             "crc": json.loads(raw[b"crc"]) if b"crc" in raw else None,
+            "mac": json.loads(raw[b"mac"]) if b"mac" in raw else None,
         }
 
     def get_segments(self, oid: str) -> list[Any]:
@@ -129,6 +141,7 @@ class ObjectStore:
         if len(pages) != man["pages"]:
             raise ObjectLostError(f"object {oid}: manifest and page plan disagree")
         crcs: list[int] | None = man["crc"]
+        macs: list[str] | None = man["mac"] if self.signer is not None else None
         buffers = [bytearray(n) for n in lengths]
         views = [memoryview(b) for b in buffers]
         for batch_start, batch in _batches(pages, READ_BATCH):
@@ -140,7 +153,9 @@ class ObjectStore:
                 if data is None:
                     raise ObjectLostError(f"object {oid}: page {n} is missing (expired or "
                                           "deleted)")
-                if len(data) != end - start or (crcs is not None and zlib.crc32(data) != crcs[n]):
+                if len(data) != end - start \
+                        or (crcs is not None and zlib.crc32(data) != crcs[n]) \
+                        or (macs is not None and self.signer.page_tag(data) != macs[n]):
                     raise ObjectIntegrityError(
                         f"object {oid}: page {n} does not match the manifest ({len(data)} bytes, "
                         f"expected {end - start} with its checksum): swapped, cut or altered")

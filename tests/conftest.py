@@ -18,12 +18,18 @@ from .helpers import Gate
 FAST = {"heartbeat_interval": 0.25, "heartbeat_ttl": 1.5}
 
 
+# The signing key the tests' clusters share, given to every process through the
+# environment as a deployment would (a Cluster without one makes its own).
+TEST_KEY = "5e" * 32
+
+
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     """No REDISENGINES_* setting of the developer's shell leaks into a test."""
     for name in list(os.environ):
         if name.startswith("REDISENGINES_") and name != "REDISENGINES_TEST_REDIS_URL":
             monkeypatch.delenv(name)
+    monkeypatch.setenv("REDISENGINES_KEY", TEST_KEY)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +68,7 @@ def make_cluster(server_url: str, cluster_name: str) -> Iterator[ClusterFactory]
 
     def make(n: int = 2, **settings: object) -> redisengines.Cluster:
         name = cluster_name if not made else "t" + uuid.uuid4().hex[:10]
-        s = redisengines.Settings(redis_url=server_url, cluster=name, **settings)  # type: ignore[arg-type]
+        s = redisengines.Settings.from_env(redis_url=server_url, cluster=name, **settings)
         cluster = redisengines.Cluster(n, url=server_url, settings=s).start()
         made.append(cluster)
         return cluster

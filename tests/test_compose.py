@@ -36,7 +36,7 @@ PROFILES = {"redis", "engines", "all"}
 DEPLOYMENT_VARS = {"REDIS_IMAGE", "ENGINES_IMAGE", "ENGINES", "REDIS_BIND", "REDIS_PORT"}
 SETTING_VARS = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 # ${NAME}, ${NAME:-default}, ${NAME-default}; `$$` is a literal dollar.
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-|:\?)([^}]*))?\}")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,10 @@ def interpolate(value: str, env: dict[str, str]) -> str:
         name, op, default = m.group(1), m.group(2), m.group(3) or ""
         if op == ":-":
             return env.get(name) or default
+        if op == ":?":  # required: Compose refuses to start without it
+            if not env.get(name):
+                raise ValueError(f"{name}: {default}")
+            return env[name]
         if op == "-":
             return env.get(name, default)
         return env.get(name, "")
@@ -118,9 +122,13 @@ def test_services_are_configured_only_through_redisengines_variables(
     engines = environment(compose["services"]["engines"])
     assert interpolate(engines["REDISENGINES_REDIS_URL"], {}) == "redis://redis:6379/0"
     assert interpolate(engines["REDISENGINES_CLUSTER"], {}) == "default"
+    # The key is required: Compose refuses to start the engines without it.
+    with pytest.raises(ValueError, match="REDISENGINES_KEY"):
+        interpolate(engines["REDISENGINES_KEY"], {})
+    assert interpolate(engines["REDISENGINES_KEY"], {"REDISENGINES_KEY": "ab" * 32}) == "ab" * 32
     # Nothing set on the host: the other settings are empty, which means the library default.
     for key, value in engines.items():
-        if key not in ("REDISENGINES_REDIS_URL", "REDISENGINES_CLUSTER"):
+        if key not in ("REDISENGINES_REDIS_URL", "REDISENGINES_CLUSTER", "REDISENGINES_KEY"):
             assert interpolate(value, {}) == "", key
 
 
@@ -131,7 +139,9 @@ def test_every_variable_has_a_default_and_is_documented(compose: dict[str, Any])
     assert found
     for m in found:
         name, op = m.group(1), m.group(2)
-        assert op == ":-", f"{m.group(0)}: give a default with ${{{name}:-...}}"
+        # The signing key alone is required (${NAME:?message}): no default could be secret.
+        assert op == ":-" or (op == ":?" and name == "REDISENGINES_KEY"), \
+            f"{m.group(0)}: give a default with ${{{name}:-...}}"
         assert name in SETTING_VARS | DEPLOYMENT_VARS, f"{name} is not a documented variable"
         assert f"`{name}`" in readme, f"{name} is missing from compose/README.md"
     assert not re.search(r"\$[A-Za-z_{]", VAR.sub("", text.replace("$$", ""))), \
@@ -214,6 +224,7 @@ def test_an_engine_runs_from_the_service_environment_alone(compose: dict[str, An
     """As `docker compose up` would start it: the image's argv, the service's environment
     interpolated from the host's variables (here: another server URL and cluster name)."""
     host_env = {"REDISENGINES_REDIS_URL": server_url, "REDISENGINES_CLUSTER": cluster_name,
+                "REDISENGINES_KEY": os.environ["REDISENGINES_KEY"],
                 "REDISENGINES_HEARTBEAT_INTERVAL": "0.25", "REDISENGINES_HEARTBEAT_TTL": "1.5"}
     service_env = {k: interpolate(v, host_env)
                    for k, v in environment(compose["services"]["engines"]).items()}

@@ -26,14 +26,16 @@ def test_bad_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Settings(redis_url="redis://h:1/0", cluster="c", max_object_size=99, heartbeat_ttl=3.0)
+    s = Settings(redis_url="redis://h:1/0", cluster="c", max_object_size=99, heartbeat_ttl=3.0,
+                 key="ab" * 32)
     for k, v in s.to_env().items():
         monkeypatch.setenv(k, v)
     assert Settings.from_env() == s
 
 
-def test_url_with_password_is_not_in_repr() -> None:
-    assert "secret" not in repr(Settings(redis_url="redis://:secret@h:1/0"))
+def test_url_with_password_and_key_are_not_in_repr() -> None:
+    shown = repr(Settings(redis_url="redis://:secret@h:1/0", key="c0ffee" * 8))
+    assert "secret" not in shown and "c0ffee" not in shown
 
 
 def test_key_schema_uses_prefix_and_hash_tags() -> None:

@@ -118,7 +118,9 @@ def test_unknown_op_fails_the_senders_future(client, r, cluster_name) -> None:
     cmd_id = f"{client.client_id}-bogus"
     pending = redisengines.PendingResult("bogus", {0: cmd_id}, single=True)
     client._listener.expect(cmd_id, pending, 0)
-    _xadd_raw(r, cluster_name, {"op": "frobnicate", "id": cmd_id, "client": client.client_id})
+    inbox = f"re:{cluster_name}:{{e0}}:inbox"  # signed: it gets past the signature check
+    r.xadd(inbox, client._signed({"op": "frobnicate", "id": cmd_id, "client": client.client_id},
+                                 inbox))
     with pytest.raises(ProtocolError, match="unknown op 'frobnicate'"):
         pending.result(timeout=5)
     assert client.pull("b", targets=0) == 1

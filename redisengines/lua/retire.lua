@@ -4,7 +4,7 @@
 -- KEYS[8..] other per-engine keys to delete
 -- ARGV[1] engine id   ARGV[2] mode: 'reap' (only if the lease expired), 'kill', 'shutdown'
 -- ARGV[3] prefix P (result and reply keys are named after the entries' own fields)
--- ARGV[4] result TTL (ms)   ARGV[5] the serialized None, the value of a kill command
+-- ARGV[4] result TTL (ms)
 -- Inbox commands that were delivered (in the PEL) fail with started=true, the others with
 -- started=false. Tasks the engine held go back to P:tasks while their field `retries` is
 -- above 0 (decremented), else fail with started=true. Kill commands waiting in ctl succeed.
@@ -92,7 +92,7 @@ end
 -- kill commands waiting in ctl succeed: the engine is gone either way
 for _, entry in ipairs(redis.call('XRANGE', KEYS[5], '-', '+')) do
   local f = fields_of(entry[2])
-  if f['op'] == 'kill' then notify(f, 'ok', 'value', ARGV[5]) end
+  if f['op'] == 'kill' then notify(f, 'ok', 'op', 'kill') end
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 for i = 8, #KEYS do redis.call('DEL', KEYS[i]) end

@@ -192,7 +192,7 @@ def test_engines_in_network_namespaces_and_a_cut_link(netns_available: None, tmp
         assert server.poll() is None, (tmp_path / "server.log").read_text(errors="replace")
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("REDISENGINES_")}
-        env.update(HEARTBEAT)
+        env.update(HEARTBEAT, REDISENGINES_KEY=os.environ["REDISENGINES_KEY"])
         engines = {}  # pid -> (host, process)
         for host in hosts:
             url = f"redis://{host.server_addr}:{port}/0"

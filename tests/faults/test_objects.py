@@ -534,10 +534,11 @@ def test_fault_35_garbage_in_inbox_and_tasks(logged_engine, r, cluster_name) -> 
         wait_until(lambda entry_id=entry_id: f"bad stream entry {entry_id}" in log.read_text(),
                    what=f"a log line about {entry_id}")
         # recorded as a failed command (what an operator finds with redis-cli)
-        fields = r.hgetall(result_key(cluster_name, f"invalid-{entry_id}"))
+        fields = r.hgetall(result_key(cluster_name, f"invalid-0-{entry_id}"))
         assert fields[b"status"] == b"error" and fields[b"op"] == b"invalid"
         record = json.loads(fields[b"error"])
-        assert record["type"].endswith("ProtocolError") and "foo" in record["message"]
+        # refused before anything is decoded: the garbage is not signed with the cluster key
+        assert record["type"].endswith("ProtocolError") and "unsigned" in record["message"]
     # acked and gone from both streams; counted as two completed commands
     for stream in (inbox(cluster_name, 0), tasks(cluster_name)):
         assert pel(r, stream) == 0 and r.xlen(stream) == 0
@@ -556,7 +557,9 @@ def test_fault_35_malformed_task_naming_a_client_fails_its_future(client, r,
     bogus = f"{client.client_id}-bogus"
     pending = redisengines.PendingResult("call", {-1: bogus}, single=True)
     client._listener.expect(bogus, pending, -1)
-    r.xadd(tasks(cluster_name), {"op": "call", "id": bogus, "client": client.client_id})
+    # signed with the cluster's key (a holder of the key wrote it), so it reaches decoding
+    r.xadd(tasks(cluster_name), client._signed({"op": "call", "id": bogus,
+                                                "client": client.client_id}, tasks(cluster_name)))
     err = raised(lambda: pending.result(timeout=WAIT))
     assert isinstance(err, RedisEnginesError) and isinstance(err, RemoteError)
     assert err.engine_id in (0, 1) and "carries no value" in str(err)
