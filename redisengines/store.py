@@ -97,11 +97,14 @@ class ObjectStore:
             "pages": len(pages),
             "size": sum(lengths),
         }
-        if self.signer is None:
-            # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
-            manifest["crc"] = json.dumps([zlib.crc32(v) for v in views])
-        else:  # a keyed BLAKE2b per page and a signed manifest: no one else can forge them
-            manifest["mac"] = json.dumps([self.signer.page_tag(v) for v in views])
+        # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
+        manifest["crc"] = json.dumps([zlib.crc32(v) for v in views])
+        if self.signer is not None:
+            # The pickle stream (segment 0) is what could carry code: its pages get a keyed
+            # BLAKE2b, and the manifest is signed. Raw buffers (array data) keep the CRC:
+            # altering them changes values, never what runs.
+            manifest["mac"] = json.dumps([self.signer.page_tag(v) if seg == 0 else None
+                                          for v, (seg, _, _) in zip(views, pages, strict=True)])
             self.signer.sign(manifest, self.keys.manifest(oid), stamp=False, skip=MANIFEST)
         if refs is not None:
             manifest["refs"] = refs
@@ -141,7 +144,11 @@ class ObjectStore:
         if len(pages) != man["pages"]:
             raise ObjectLostError(f"object {oid}: manifest and page plan disagree")
         crcs: list[int] | None = man["crc"]
-        macs: list[str] | None = man["mac"] if self.signer is not None else None
+        macs: list[str | None] | None = None
+        if self.signer is not None:
+            macs = man["mac"]
+            if macs is None or len(macs) != len(pages):
+                raise ObjectIntegrityError(f"object {oid}: its manifest carries no page tags")
         buffers = [bytearray(n) for n in lengths]
         views = [memoryview(b) for b in buffers]
         for batch_start, batch in _batches(pages, READ_BATCH):
@@ -155,7 +162,8 @@ class ObjectStore:
                                           "deleted)")
                 if len(data) != end - start \
                         or (crcs is not None and zlib.crc32(data) != crcs[n]) \
-                        or (macs is not None and self.signer.page_tag(data) != macs[n]):
+                        or (macs is not None and macs[n] is not None
+                            and self.signer.page_tag(data) != macs[n]):
                     raise ObjectIntegrityError(
                         f"object {oid}: page {n} does not match the manifest ({len(data)} bytes, "
                         f"expected {end - start} with its checksum): swapped, cut or altered")
