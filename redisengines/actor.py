@@ -120,27 +120,33 @@ class Engine:
         if self.handle_signals:
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(signal.SIGINT, self._on_sigint)
+        control: threading.Thread | None = None
         while True:
-            if self.id < 0:
-                self.register()
-            control = threading.Thread(target=self._control_loop, args=(self._fence, self.id),
-                                       name=f"re-control-{self.id}", daemon=True)
-            control.start()
+            served = threading.Event()  # the lease is renewed until serving is over
             try:
+                if self.id < 0:
+                    self.register()
+                control = threading.Thread(target=self._control_loop,
+                                           args=(self._fence, self.id, served),
+                                           name=f"re-control-{self.id}", daemon=True)
+                control.start()
                 self._serve()
             except _Shutdown:
                 pass
-            if self._killed.is_set():  # the control thread retires the engine and exits
+            finally:
+                served.set()
+            if self._killed.is_set() and control is not None:  # the control thread exits
                 control.join(timeout=30)
                 return 0
             if not self._fence.is_set() or self._stopping.is_set():
                 break
             log.warning("engine %d was retired by the cluster; joining again as a new engine",
                         self.id)
-            control.join(timeout=self.settings.heartbeat_interval + 10)
+            if control is not None:
+                control.join(timeout=self.settings.heartbeat_interval + 10)
             self._fence = threading.Event()
             self._reset()
-        if self._exit_code == 0:
+        if self._exit_code == 0 and self.id >= 0:
             self._retire("shutdown")
         return self._exit_code
 
@@ -155,6 +161,8 @@ class Engine:
         self._stopping.set()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._stopping.is_set():
+            return  # already shutting down: let it finish
         self._stopping.set()
         if not self._executing:
             raise _Shutdown()
@@ -375,9 +383,11 @@ class Engine:
                 notify, op, result["status"], *flat]
 
     # ------------------------------------------------------------------ control thread
-    def _control_loop(self, fence: threading.Event, engine_id: int) -> None:
+    def _control_loop(self, fence: threading.Event, engine_id: int,
+                      served: threading.Event) -> None:
         """One incarnation's side thread: it uses only its own ``fence`` and ``engine_id``,
-        so that a late one cannot touch the next incarnation."""
+        so that a late one cannot touch the next incarnation. It renews the lease until the
+        main thread is done serving, even after SIGTERM (a command may still be running)."""
         r = connect(self.settings.redis_url, retries=self.settings.retries)
         scripts = Scripts(r)
         ctl = self.keys.ctl(engine_id)
@@ -385,7 +395,7 @@ class Engine:
         interval = self.settings.heartbeat_interval
         next_beat = 0.0
         ns_snapshot: dict[str, tuple[int, type]] = {}
-        while not self._stopping.is_set() and not fence.is_set():
+        while not served.is_set() and not fence.is_set():
             try:
                 now = time.monotonic()
                 if now >= next_beat:

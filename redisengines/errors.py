@@ -320,7 +320,10 @@ def _rebuild_remote(record: dict[str, Any], pickled: bytes | None = None) -> Rem
             original = None
     base = type(original) if isinstance(original, BaseException) else _import_class(record["type"])
     cls = _remote_class(base)
-    err = cls.__new__(cls)
+    try:
+        err = cls.__new__(cls)
+    except TypeError:  # e.g. MemoryError.__new__ refuses subclasses: build it plainly
+        err = BaseException.__new__(cls)
     if original is not None:
         try:
             err.__dict__.update(vars(original))

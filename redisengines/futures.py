@@ -24,6 +24,7 @@ from .errors import (
     ClusterStateLostError,
     CompositeError,
     ConnectionLostError,
+    DeserializationError,
     RedisEnginesError,
 )
 from .registry import retire
@@ -396,7 +397,14 @@ class ReplyListener(threading.Thread):
                 pending._deliver(engine_id, True, _Paged(oid.decode(), what, engine_id),
                                  _text(fields.get(b"stdout")), _text(fields.get(b"stderr")))
                 return
-        ok, value = self.client._outcome(fields, engine_id, self.client.schema.result(cmd_id))
+        try:
+            ok, value = self.client._outcome(fields, engine_id,
+                                             self.client.schema.result(cmd_id))
+        except Exception as exc:  # never drop a notice: its future would wait forever
+            log.exception("reply listener: cannot read the result of %s", cmd_id)
+            ok, value = False, DeserializationError(
+                f"the result of {cmd_id} from engine {engine_id} cannot be read: "
+                f"{type(exc).__name__}: {exc}")
         pending._deliver(engine_id, ok, value, _text(fields.get(b"stdout")),
                          _text(fields.get(b"stderr")))
 
