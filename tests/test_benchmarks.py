@@ -36,21 +36,17 @@ def rq_installed() -> bool:
     return True
 
 
-@pytest.mark.timeout(240)
-def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
+def run_quick(module: str, tmp_path: Path, timeout: float) -> tuple[str, dict[str, dict]]:
+    """Run ``python -m <module> --quick --json``; its stdout and figures by name, each checked
+    to be a positive finite number (and p90 where given)."""
     out = tmp_path / "figures.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_core", "--quick", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
     figures = {}
     for line in out.read_text().splitlines():
         record = json.loads(line)
         figures[record["name"]] = record
-    expected = EXPECTED + (RQ_FIGURES if rq_installed() else [])
-    missing = [name for name in expected if name not in figures]
-    assert not missing, f"missing figures: {missing}"
     for record in figures.values():
         value = record["value"]
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, record
@@ -58,7 +54,15 @@ def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
             assert record["p90"] > 0, record
     if not rq_installed():
         assert "rq: not installed" in proc.stdout
-    assert "W1 latency over tcp" in proc.stdout
+    return proc.stdout, figures
+
+
+@pytest.mark.timeout(240)
+def test_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    stdout, figures = run_quick("benchmarks.bench_core", tmp_path, 180)
+    expected = EXPECTED + (RQ_FIGURES if rq_installed() else [])
+    assert not [n for n in expected if n not in figures], f"missing: {set(expected) - set(figures)}"
+    assert "W1 latency over tcp" in stdout
 
 
 REMOTE_EXPECTED = [
@@ -76,24 +80,7 @@ REMOTE_RQ_FIGURES = ["remote.rq.round_trip", "remote.rq.throughput",
 
 @pytest.mark.timeout(120)
 def test_quick_remote_benchmark_writes_every_figure(tmp_path: Path) -> None:
-    out = tmp_path / "figures.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_remote", "--quick", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=100)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-    figures = {}
-    for line in out.read_text().splitlines():
-        record = json.loads(line)
-        figures[record["name"]] = record
+    stdout, figures = run_quick("benchmarks.bench_remote", tmp_path, 100)
     expected = REMOTE_EXPECTED + (REMOTE_RQ_FIGURES if rq_installed() else [])
-    missing = [name for name in expected if name not in figures]
-    assert not missing, f"missing figures: {missing}"
-    for record in figures.values():
-        value = record["value"]
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, record
-        if "p90" in record:
-            assert record["p90"] > 0, record
-    if not rq_installed():
-        assert "rq: not installed" in proc.stdout
-    assert "Throughput over unix" in proc.stdout
+    assert not [n for n in expected if n not in figures], f"missing: {set(expected) - set(figures)}"
+    assert "Throughput over unix" in stdout
