@@ -487,24 +487,35 @@ def rq_throughput(q: Any, jobs: int) -> float:
     return jobs / (time.perf_counter() - t0)
 
 
-def peer_rq(report: Report, url: str, sizes: Sizes, ours: dict[str, Figure]) -> None:
+def measure_rq(report: Report, url: str, prefix: str, samples: int, warmup: int, jobs: int,
+               runs: int) -> tuple[Figure, Figure] | None:
+    """rq's round trip and throughput with 2 SimpleWorkers on ``url`` (None: rq missing)."""
     report.section(f"Peer: rq over tcp ({ENGINES} SimpleWorker processes, same server)")
     if rq_missing():
         report.note("rq: not installed (pip install -r benchmarks/requirements-peers.txt)")
-        return
+        return None
     import rq
     queue = "bench-" + uuid.uuid4().hex[:8]
     with rq_workers(url, queue, ENGINES), redis.Redis.from_url(url) as r:
         q = _rq_queue(r, queue)
-        lat = report.latency("peer.rq.round_trip",
+        lat = report.latency(f"{prefix}.round_trip",
                              f"rq {rq.__version__}: enqueue(noop) + wait for result",
-                             sample(lambda: rq_round_trip(q), sizes.rq_samples, sizes.warmup))
-        rq_throughput(q, min(sizes.rq_jobs, 100))  # warm-up
-        runs = [rq_throughput(q, sizes.rq_jobs) for _ in range(sizes.runs)]
-        thr = report.add(Figure("peer.rq.throughput",
-                                f"rq: {sizes.rq_jobs} jobs enqueued, then all waited, jobs/s",
-                                statistics.median(runs), "calls/s", n=len(runs)))
+                             sample(lambda: rq_round_trip(q), samples, warmup))
+        rq_throughput(q, min(jobs, 100))  # warm-up
+        rates = [rq_throughput(q, jobs) for _ in range(runs)]
+        thr = report.add(Figure(f"{prefix}.throughput",
+                                f"rq: {jobs} jobs enqueued, then all waited, jobs/s",
+                                statistics.median(rates), "calls/s", n=len(rates)))
         q.empty()
+    return lat, thr
+
+
+def peer_rq(report: Report, url: str, sizes: Sizes, ours: dict[str, Figure]) -> None:
+    rq_figures = measure_rq(report, url, "peer.rq", sizes.rq_samples, sizes.warmup,
+                            sizes.rq_jobs, sizes.runs)
+    if rq_figures is None:
+        return
+    lat, thr = rq_figures
     report.ratio("peer.rq.apply_latency_over_rq", "tcp: our apply latency / rq round trip",
                  ours["apply"], lat)
     report.ratio("peer.rq.apply_throughput_over_rq", "tcp: our apply calls/s / rq jobs/s",

@@ -29,7 +29,6 @@ import platform
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +40,10 @@ from benchmarks.bench_core import (
     WAIT_TIMEOUT,
     Figure,
     Report,
-    _rq_queue,
     apply_throughput,
+    measure_rq,
     noop,
     progress,
-    rq_missing,
-    rq_round_trip,
-    rq_throughput,
-    rq_workers,
     sample,
 )
 from redisengines.server import EmbeddedServer
@@ -195,22 +190,11 @@ def run_transport(report: Report, t: str, cluster: redisengines.Cluster,
 
 
 def peer_rq(report: Report, url: str, sizes: Sizes, ours: dict[str, Figure]) -> None:
-    report.section(f"Peer: rq over tcp ({ENGINES} SimpleWorker processes, same server)")
-    if rq_missing():
-        report.note("rq: not installed (pip install -r benchmarks/requirements-peers.txt)")
+    rq_figures = measure_rq(report, url, "remote.rq", sizes.samples, sizes.warmup, sizes.calls,
+                            sizes.runs)
+    if rq_figures is None:
         return
-    import rq
-    queue = "bench-" + uuid.uuid4().hex[:8]
-    with rq_workers(url, queue, ENGINES), redis.Redis.from_url(url) as r:
-        q = _rq_queue(r, queue)
-        lat = report.latency("remote.rq.round_trip",
-                             f"rq {rq.__version__}: enqueue(noop) + wait for result",
-                             sample(lambda: rq_round_trip(q), sizes.samples, sizes.warmup))
-        rq_throughput(q, min(sizes.calls, 100))  # warm-up
-        thr = rate(report, "remote.rq.throughput",
-                   f"rq: {sizes.calls} jobs enqueued, then all waited, jobs/s",
-                   [rq_throughput(q, sizes.calls) for _ in range(sizes.runs)])
-        q.empty()
+    lat, thr = rq_figures
     report.ratio("remote.rq.function_round_trip_over_rq",
                  "tcp: remote function round trip / rq round trip",
                  ours["function_round_trip"], lat)
