@@ -15,11 +15,11 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import NoPermissionError, OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .errors import ConnectionLostError, ServerOutOfMemoryError
+from .errors import ConnectionLostError, RedisPermissionError, ServerOutOfMemoryError
 
 # Longest block of any XREAD/XREADGROUP we issue; socket timeouts stay above it.
 BLOCK_SECONDS = 2.0
@@ -80,6 +80,10 @@ def translate_errors(what: str) -> Iterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
         raise ConnectionLostError(f"{what}: lost the connection to Redis: {exc}") from exc
+    except NoPermissionError as exc:
+        raise RedisPermissionError(
+            f"{what}: Redis refused it (NOPERM: {exc}): the ACL user lacks a permission; "
+            "it needs the keys re:<cluster>:* and the commands listed in the README") from exc
     except OutOfMemoryError as exc:
         raise ServerOutOfMemoryError(
             f"{what}: Redis is out of memory (maxmemory reached) and refused the write; "

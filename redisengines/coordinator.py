@@ -262,6 +262,7 @@ class Client:
         except BaseException:
             self._listener.forget(list(cmd_ids.values()))
             raise
+        self._listener.acknowledged(list(cmd_ids.values()))
         for eid, entry_id in zip(cmd_ids, entry_ids, strict=True):
             if entry_id is None:  # that inbox was full: this part fails, the others run
                 self._listener.forget([cmd_ids[eid]])

@@ -19,7 +19,9 @@ The tree::
     ├── TimeLimitExceeded (also TimeoutError)     a command ran past its time limit
     ├── QueueFullError                            an engine's inbox is full
     ├── ClusterStateLostError                     the server lost the cluster's state
+    ├── CommandLostError                          a Redis crash lost an accepted command
     ├── ServerOutOfMemoryError                    Redis is at maxmemory and refuses writes
+    ├── RedisPermissionError (also PermissionError) the ACL user may not do that
     ├── ServerStartError                          the embedded server did not start
     └── ConnectionLostError (also ConnectionError) Redis could not be reached
 
@@ -113,6 +115,15 @@ class QueueFullError(RedisEnginesError):
 
 class ClusterStateLostError(RedisEnginesError):
     """Raised when the server restarted without the cluster's state."""
+
+
+class CommandLostError(RedisEnginesError):
+    """Raised when Redis restarted and no longer holds a command it had accepted (written
+    after its last fsync); the command never ran and may be sent again."""
+
+
+class RedisPermissionError(RedisEnginesError, PermissionError):
+    """Raised when Redis refuses a command or key to this connection's ACL user (NOPERM)."""
 
 
 class ServerOutOfMemoryError(RedisEnginesError):

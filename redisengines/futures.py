@@ -10,6 +10,7 @@ for results.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -19,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from . import checks
 from .connection import BLOCK_SECONDS, connect
 from .errors import (
     ClusterStateLostError,
+    CommandLostError,
     CompositeError,
     ConnectionLostError,
     DeserializationError,
@@ -269,12 +272,14 @@ class ReplyListener(threading.Thread):
         self.r = connect(client.transport_url, retries=client.settings.retries, pool_size=2)
         self.stream = client.schema.replies(client.client_id)
         self._routes: dict[str, tuple[PendingResult, int]] = {}
+        self._acknowledged: set[str] = set()
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._last = "0-0"
         self.events = client.schema.events
         self._events_last = events_from
         self._epoch: bytes | None = client.r.get(client.schema.epoch)
+        self._run_id = _run_id(client.r)
         # After the server stalled (frozen, paused), leases may have lapsed with the engines
         # alive: they renew within a heartbeat interval, so nobody is reaped before that.
         self._no_reap_until = 0.0
@@ -284,10 +289,16 @@ class ReplyListener(threading.Thread):
         with self._lock:
             self._routes[cmd_id] = (pending, engine_id)
 
+    def acknowledged(self, cmd_ids: list[str]) -> None:
+        """Redis accepted these commands (their submission returned)."""
+        with self._lock:
+            self._acknowledged.update(c for c in cmd_ids if c in self._routes)
+
     def forget(self, cmd_ids: list[str]) -> None:
         with self._lock:
             for cmd_id in cmd_ids:
                 self._routes.pop(cmd_id, None)
+                self._acknowledged.discard(cmd_id)
 
     def close(self) -> None:
         self._closing.set()
@@ -351,9 +362,15 @@ class ReplyListener(threading.Thread):
         for entry_id, fields in entries:
             self._events_last = entry_id.decode()
             try:
-                self.client._engine_event(fields[b"event"].decode(), int(fields[b"engine"]))
+                event, eid = fields[b"event"].decode(), int(fields[b"engine"])
             except (KeyError, ValueError):
                 log.warning("ignoring malformed event %s: %r", entry_id, fields)
+                continue
+            self.client._engine_event(event, eid)
+            if event == "registered":  # the runtime check of connect(), for newcomers
+                raw = self.r.hget(self.client.schema.engines, eid)
+                if raw:
+                    checks.mismatches({eid: json.loads(raw)})
 
     def _handle(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         fetch: list[tuple[str, dict[bytes, bytes]]] = []
@@ -377,6 +394,7 @@ class ReplyListener(threading.Thread):
     def _route(self, cmd_id: str, fields: dict[bytes, bytes]) -> None:
         with self._lock:
             route = self._routes.pop(cmd_id, None)
+            self._acknowledged.discard(cmd_id)
         if route is None:
             return
         pending, engine_id = route
@@ -417,7 +435,10 @@ class ReplyListener(threading.Thread):
             self.client.store.release_many(oids)
 
     def stalled(self) -> bool:
-        """True shortly after the server stalled: lapsed leases are not proof of death then."""
+        """True shortly after the server stalled or restarted: lapsed leases are not proof of
+        death then (engines renew them within an interval)."""
+        if self._run_id is not None and _run_id(self.client.r) != self._run_id:  # restarted
+            return True
         return time.monotonic() < self._no_reap_until
 
     def _check_state(self) -> bool:
@@ -429,10 +450,19 @@ class ReplyListener(threading.Thread):
         pipe.get(schema.epoch)
         pipe.xrevrange(schema.events, count=1)
         epoch, last = pipe.execute()
+        run_id = _run_id(self.r)  # None where INFO is not allowed (an ACL user)
+        restarted = run_id != self._run_id
+        if restarted:  # leases may have lapsed while it was down: give engines time to renew
+            # (their reconnection backs off up to 2 s, on top of a heartbeat interval)
+            self._run_id = run_id
+            s = self.client.settings
+            self._no_reap_until = time.monotonic() + s.heartbeat_ttl + s.heartbeat_interval + 2
         newest = last[0][0].decode() if last else "0-0"
         went_back = _stream_id(newest) < _stream_id(self._events_last)
         if self._epoch is None or (epoch == self._epoch and not went_back):
             self._epoch = self._epoch or epoch
+            if restarted:  # it kept its data: did it keep our commands?
+                self._check_commands()
             return False
         why = ("went back in time (restored from an older snapshot)" if epoch == self._epoch
                else "lost the cluster's state (restarted without persistence?)")
@@ -443,6 +473,25 @@ class ReplyListener(threading.Thread):
             "outcome is unknown"))
         self.client.get_ids()
         return True
+
+    def _check_commands(self) -> None:
+        """After a restart, fail the pending commands Redis no longer knows (accepted after its
+        last fsync): their result hash, opened with the entry by submit.lua, is gone."""
+        with self._lock:  # only commands whose submission had been acknowledged
+            pending = [(c, r) for c, r in self._routes.items() if c in self._acknowledged]
+        if not pending:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for cmd_id, _ in pending:
+            pipe.exists(self.client.schema.result(cmd_id))
+        for (cmd_id, (future, eid)), known in zip(pending, pipe.execute(), strict=True):
+            if known or future.op == "kill":
+                continue
+            self.forget([cmd_id])
+            log.error("command %s was lost when Redis restarted", cmd_id)
+            future._deliver(eid, False, CommandLostError(
+                f"{future.op} {cmd_id} was accepted, then lost when the Redis server restarted "
+                "(written after its last fsync); it never ran and can be sent again"), "", "")
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
@@ -470,8 +519,17 @@ class ReplyListener(threading.Thread):
     def _fail_all(self, exc: RedisEnginesError) -> None:
         with self._lock:
             routes, self._routes = self._routes, {}
+            self._acknowledged.clear()
         for pending, engine_id in routes.values():
             pending._deliver(engine_id, False, exc, "", "")
+
+
+def _run_id(r: redis.Redis) -> str | None:
+    """The server's run id: it changes when the server restarts."""
+    try:
+        return r.info("server").get("run_id")
+    except redis.RedisError:
+        return None
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

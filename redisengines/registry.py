@@ -71,6 +71,6 @@ def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
     for eid, exists in zip(candidates, pipe.execute(), strict=True):
         if exists:
             alive.append(eid)
-        elif reap:
-            retire(r, keys, eid, "reap", settings, scripts)
+        elif reap and retire(r, keys, eid, "reap", settings, scripts) == -1:
+            alive.append(eid)  # its lease was renewed meanwhile (e.g. after a pause)
     return alive

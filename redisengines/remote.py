@@ -136,6 +136,7 @@ class Dispatcher:
         except BaseException:
             client._listener.forget([cmd_id])
             raise
+        client._listener.acknowledged([cmd_id])
         if entry_id is None:
             client._listener.forget([cmd_id])
             raise QueueFullError(f"{call.stream} holds {client.settings.max_queue} commands "
