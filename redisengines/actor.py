@@ -142,8 +142,11 @@ class Engine:
                 break
             log.warning("engine %d was retired by the cluster; joining again as a new engine",
                         self.id)
-            if control is not None:
-                control.join(timeout=self.settings.heartbeat_interval + 10)
+            try:
+                if control is not None:
+                    control.join(timeout=self.settings.heartbeat_interval + 10)
+            except _Shutdown:  # stopped while rejoining: nothing of the old id is left to do
+                return 0
             self._fence = threading.Event()
             self._reset()
         if self._exit_code == 0 and self.id >= 0:

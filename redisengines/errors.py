@@ -119,7 +119,7 @@ class ClusterStateLostError(RedisEnginesError):
 
 class CommandLostError(RedisEnginesError):
     """Raised when Redis restarted and no longer holds a command it had accepted (written
-    after its last fsync); the command never ran and may be sent again."""
+    after its last fsync); whether an engine had started it is unknown."""
 
 
 class RedisPermissionError(RedisEnginesError, PermissionError):

@@ -343,7 +343,7 @@ class ReplyListener(threading.Thread):
                     self._check_leases()
                     next_check = time.monotonic() + interval
                 self._release_unreferenced()
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # silent sockets too
                 failures += 1
                 if self._closing.is_set():
                     return
@@ -436,10 +436,10 @@ class ReplyListener(threading.Thread):
 
     def stalled(self) -> bool:
         """True shortly after the server stalled or restarted: lapsed leases are not proof of
-        death then (engines renew them within an interval)."""
-        if self._run_id is not None and _run_id(self.client.r) != self._run_id:  # restarted
+        death then (engines renew them within an interval, after their reconnection)."""
+        if time.monotonic() < self._no_reap_until:
             return True
-        return time.monotonic() < self._no_reap_until
+        return self._run_id is not None and _run_id(self.client.r) != self._run_id
 
     def _check_state(self) -> bool:
         """Fail everything pending with ClusterStateLostError if the server lost its state
@@ -491,12 +491,13 @@ class ReplyListener(threading.Thread):
             log.error("command %s was lost when Redis restarted", cmd_id)
             future._deliver(eid, False, CommandLostError(
                 f"{future.op} {cmd_id} was accepted, then lost when the Redis server restarted "
-                "(written after its last fsync); it never ran and can be sent again"), "", "")
+                "(written after its last fsync, or restored from an older snapshot); whether an "
+                "engine had started it is unknown"), "", "")
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
         if self._check_state() or self.stalled():
-            return
+            return  # (a restart or stall: engines get time to renew their leases first)
         with self._lock:
             waiting = {eid for _, eid in self._routes.values()}
         if -1 in waiting:  # a load-balanced call may be on any engine
@@ -524,12 +525,17 @@ class ReplyListener(threading.Thread):
             pending._deliver(engine_id, False, exc, "", "")
 
 
+def _server_info(r: redis.Redis) -> dict[str, Any]:
+    """``INFO server``, or {} where the ACL user may not read it."""
+    try:
+        return r.info("server")
+    except redis.RedisError:
+        return {}
+
+
 def _run_id(r: redis.Redis) -> str | None:
     """The server's run id: it changes when the server restarts."""
-    try:
-        return r.info("server").get("run_id")
-    except redis.RedisError:
-        return None
+    return _server_info(r).get("run_id")
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

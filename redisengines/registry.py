@@ -59,8 +59,10 @@ def status(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
 
 def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
              scripts: Scripts | None = None, reap: bool = True) -> list[int]:
-    """Ids of engines that hold a lease; engines whose lease expired are reaped on the way
-    (with ``reap``; else they are only left out)."""
+    """Ids of engines that hold a lease; engines whose lease expired are reaped on the way.
+
+    Without ``reap`` (just after the server stalled or restarted, when a lapsed lease is no
+    proof of death) registered engines count as live."""
     candidates = [eid for eid, info in engines(r, keys).items() if info.get("state") != "dead"]
     if not candidates:
         return []
@@ -69,8 +71,8 @@ def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
         pipe.exists(keys.heartbeat(eid))
     alive = []
     for eid, exists in zip(candidates, pipe.execute(), strict=True):
-        if exists:
+        if exists or not reap:
             alive.append(eid)
-        elif reap and retire(r, keys, eid, "reap", settings, scripts) == -1:
+        elif retire(r, keys, eid, "reap", settings, scripts) == -1:
             alive.append(eid)  # its lease was renewed meanwhile (e.g. after a pause)
     return alive
