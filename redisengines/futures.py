@@ -434,11 +434,13 @@ class ReplyListener(threading.Thread):
         if oids:
             self.client.store.release_many(oids)
 
-    def stalled(self) -> bool:
+    def stalled(self, *, ask_server: bool = True) -> bool:
         """True shortly after the server stalled or restarted: lapsed leases are not proof of
         death then (engines renew them within an interval, after their reconnection)."""
         if time.monotonic() < self._no_reap_until:
             return True
+        if not ask_server:
+            return False
         return self._run_id is not None and _run_id(self.client.r) != self._run_id
 
     def _check_state(self) -> bool:
@@ -496,7 +498,8 @@ class ReplyListener(threading.Thread):
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
-        if self._check_state() or self.stalled():
+        # (_check_state has just compared the run id: no second INFO)
+        if self._check_state() or self.stalled(ask_server=False):
             return  # (a restart or stall: engines get time to renew their leases first)
         with self._lock:
             waiting = {eid for _, eid in self._routes.values()}

@@ -63,7 +63,9 @@ class Gate:
     and ends the command with :meth:`open`.
     """
 
-    def __init__(self, r: redis.Redis, url: str) -> None:
+    def __init__(self, r: redis.Redis, url: str, *, sticky: bool = False) -> None:
+        """``url``: the server the gate lives in (it may differ from the cluster's).
+        ``sticky``: once open it stays open, so a command wrongly run again does not block."""
         tag = uuid.uuid4().hex
         self.r = r
         self.started_key = f"test:gate:{tag}:started"
@@ -73,10 +75,13 @@ class Gate:
         # No names are left in the engine's namespace.
         self.code = (f"{connect}.rpush({self.started_key!r}, 1)\n"
                      f"{connect}.blpop([{self.open_key!r}], {HOLD_LIMIT})\n")
+        if sticky:
+            self.code += f"{connect}.rpush({self.open_key!r}, 1)\n"
 
-    def hold(self, client: redisengines.Client, target: int) -> redisengines.PendingResult:
-        """Run the held command on ``target``; returns once it is running there."""
-        future = client.execute(self.code, targets=target, block=False)
+    def hold(self, client: redisengines.Client, target: int,
+             code: str = "") -> redisengines.PendingResult:
+        """Run ``code`` then the held command on ``target``; returns once it is running."""
+        future = client.execute(code + self.code, targets=target, block=False)
         self.wait_started()
         return future
 

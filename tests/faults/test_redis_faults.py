@@ -22,7 +22,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from redisengines.connection import SOCKET_TIMEOUT
 from redisengines.server import EmbeddedServer
 
 from ..conftest import FAST
-from ..helpers import interactive, wait_until
+from ..helpers import Gate, interactive, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,47 +101,16 @@ class Ledger:
             f"commands lost or run twice (tag: times run): {dict(ran)}"
 
 
-class Latch:
-    """A command that stays busy on its engine until the test opens the latch.
-
-    Like ``helpers.Gate``, but it lives in the session server (not the faulty one), and once
-    open it stays open: a command that is wrongly run again does not block a second time.
-    """
-
-    def __init__(self, r: redis.Redis, url: str) -> None:
-        tag = uuid.uuid4().hex
-        self.r = r
-        self.started_key = f"test:latch:{tag}:started"
-        self.open_key = f"test:latch:{tag}:open"
-        conn = f"__import__('redis').Redis.from_url({url!r}, socket_timeout=None)"
-        self.wait = (f"(lambda r: (r.rpush({self.started_key!r}, 1), "
-                     f"r.blpop([{self.open_key!r}], 30), r.rpush({self.open_key!r}, 1)))"
-                     f"({conn})\n")
-
-    def hold(self, client: redisengines.Client, target: int,
-             code: str = "") -> redisengines.PendingResult:
-        future = client.execute(code + self.wait, targets=target, block=False)
-        assert self.r.blpop([self.started_key], timeout=10) is not None, \
-            "the held command did not start on its engine"
-        return future
-
-    def open(self) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(self.open_key, 1)
-        pipe.expire(self.open_key, 60)
-        pipe.expire(self.started_key, 60)
-        pipe.execute()
-
-
 class Latches:
     """A factory of latches in the session server; ``open_all`` at the end of a test."""
 
     def __init__(self, r: redis.Redis, url: str) -> None:
         self.r, self.url = r, url
-        self.made: list[Latch] = []
+        self.made: list[Gate] = []
 
-    def __call__(self) -> Latch:
-        self.made.append(Latch(self.r, self.url))
+    def __call__(self) -> Gate:
+        """A sticky gate in the session server (not the faulty one)."""
+        self.made.append(Gate(self.r, self.url, sticky=True))
         return self.made[-1]
 
     def open_all(self) -> None:
