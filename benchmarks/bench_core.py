@@ -552,23 +552,27 @@ def header(server_url: str, sizes: Sizes, quick: bool) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core",
-                                     description=__doc__.split("\n\n")[0])
+def drive(argv: list[str] | None, *, prog: str, doc: str, sizes: tuple[Any, Any],
+          header: Callable[..., list[str]], transport: Callable[..., dict[str, Figure]],
+          peer: Callable[..., None]) -> int:
+    """The command line both benchmark scripts share: ``--quick``, ``--json``; one server;
+    ``transport`` over tcp then unix (``(report, name, cluster, url, sizes)``); the peer;
+    everything stopped on Ctrl-C; the table last."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for tests)")
     parser.add_argument("--json", metavar="FILE", help="also write one JSON line per figure")
     args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    chosen = sizes[0] if args.quick else sizes[1]
     json_file = open(args.json, "w") if args.json else None  # noqa: SIM115
     report = Report(json_file)
     try:
         with EmbeddedServer() as server:
-            head = header(server.url, sizes, args.quick)
+            head = header(server.url, chosen, args.quick)
             with redisengines.Cluster(n=ENGINES, url=server.url, cluster="bench") as cluster:
-                ours_tcp = run_transport(report, "tcp", cluster, server.url, sizes)
+                ours_tcp = transport(report, "tcp", cluster, server.url, chosen)
             with redisengines.Cluster(n=ENGINES) as cluster:
-                run_transport(report, "unix", cluster, cluster.local_url, sizes)
-            peer_rq(report, server.url, sizes, ours_tcp)
+                transport(report, "unix", cluster, cluster.local_url, chosen)
+            peer(report, server.url, chosen, ours_tcp)
     except KeyboardInterrupt:
         progress("interrupted: everything started was stopped")
         return 130
@@ -577,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
             json_file.close()
     report.print_table(head)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return drive(argv, prog="python -m benchmarks.bench_core", doc=__doc__ or "",
+                 sizes=(QUICK, FULL), header=header, transport=run_transport, peer=peer_rq)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Everything started here is stopped here, also on Ctrl-C. See ``benchmarks/README
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -41,12 +40,11 @@ from benchmarks.bench_core import (
     Figure,
     Report,
     apply_throughput,
+    drive,
     measure_rq,
     noop,
-    progress,
     sample,
 )
-from redisengines.server import EmbeddedServer
 
 
 def tiny() -> None:
@@ -172,7 +170,7 @@ def throughputs(report: Report, t: str, client: redisengines.Client,
     return {"function_throughput": fn}
 
 
-def run_transport(report: Report, t: str, cluster: redisengines.Cluster,
+def run_transport(report: Report, t: str, cluster: redisengines.Cluster, url: str,
                   sizes: Sizes) -> dict[str, Figure]:
     client = cluster.client()
     if len(client.ids) < ENGINES:
@@ -222,33 +220,11 @@ def header(server_url: str, sizes: Sizes, quick: bool) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_remote",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for tests)")
-    parser.add_argument("--json", metavar="FILE", help="also write one JSON line per figure")
-    args = parser.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
     if __name__ != "__main__":  # imported: send tiny and Accumulator by value all the same
         import cloudpickle
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    json_file = open(args.json, "w") if args.json else None  # noqa: SIM115
-    report = Report(json_file)
-    try:
-        with EmbeddedServer() as server:
-            head = header(server.url, sizes, args.quick)
-            with redisengines.Cluster(n=ENGINES, url=server.url, cluster="bench") as cluster:
-                ours_tcp = run_transport(report, "tcp", cluster, sizes)
-            with redisengines.Cluster(n=ENGINES) as cluster:
-                run_transport(report, "unix", cluster, sizes)
-            peer_rq(report, server.url, sizes, ours_tcp)
-    except KeyboardInterrupt:
-        progress("interrupted: everything started was stopped")
-        return 130
-    finally:
-        if json_file is not None:
-            json_file.close()
-    report.print_table(head)
-    return 0
+    return drive(argv, prog="python -m benchmarks.bench_remote", doc=__doc__ or "",
+                 sizes=(QUICK, FULL), header=header, transport=run_transport, peer=peer_rq)
 
 
 if __name__ == "__main__":
