@@ -96,7 +96,7 @@ class Engine:
         info = self._info()
         self.id = int(self.scripts.register(
             keys=[self.keys.next_id, self.keys.engines, self.keys.events, self.keys.tasks,
-                  self.keys.epoch],
+                  self.keys.epoch, self.keys.server],
             args=[self.keys.prefix, self._ttl_ms(), json.dumps(info), uuid.uuid4().hex]))
         self.namespace = Namespace(self.id, self.store)
         from . import futures

@@ -434,14 +434,11 @@ class ReplyListener(threading.Thread):
         if oids:
             self.client.store.release_many(oids)
 
-    def stalled(self, *, ask_server: bool = True) -> bool:
-        """True shortly after the server stalled or restarted: lapsed leases are not proof of
-        death then (engines renew them within an interval, after their reconnection)."""
-        if time.monotonic() < self._no_reap_until:
-            return True
-        if not ask_server:
-            return False
-        return self._run_id is not None and _run_id(self.client.r) != self._run_id
+    def stalled(self) -> bool:
+        """True shortly after the server stalled (frozen, paused): lapsed leases are not proof
+        of death then; engines renew them within an interval. (After a restart, retire.lua
+        itself grants that grace, to every reaper.)"""
+        return time.monotonic() < self._no_reap_until
 
     def _check_state(self) -> bool:
         """Fail everything pending with ClusterStateLostError if the server lost its state
@@ -453,12 +450,7 @@ class ReplyListener(threading.Thread):
         pipe.xrevrange(schema.events, count=1)
         epoch, last = pipe.execute()
         run_id = _run_id(self.r)  # None where INFO is not allowed (an ACL user)
-        restarted = run_id != self._run_id
-        if restarted:  # leases may have lapsed while it was down: give engines time to renew
-            # (their reconnection backs off up to 2 s, on top of a heartbeat interval)
-            self._run_id = run_id
-            s = self.client.settings
-            self._no_reap_until = time.monotonic() + s.heartbeat_ttl + s.heartbeat_interval + 2
+        restarted, self._run_id = run_id != self._run_id, run_id
         newest = last[0][0].decode() if last else "0-0"
         went_back = _stream_id(newest) < _stream_id(self._events_last)
         if self._epoch is None or (epoch == self._epoch and not went_back):
@@ -498,9 +490,8 @@ class ReplyListener(threading.Thread):
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
-        # (_check_state has just compared the run id: no second INFO)
-        if self._check_state() or self.stalled(ask_server=False):
-            return  # (a restart or stall: engines get time to renew their leases first)
+        if self._check_state() or self.stalled():
+            return  # (a stall: engines get time to renew their leases first)
         with self._lock:
             waiting = {eid for _, eid in self._routes.values()}
         if -1 in waiting:  # a load-balanced call may be on any engine

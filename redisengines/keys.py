@@ -17,6 +17,8 @@ key                        type           TTL      what an operator reads there
 ``P:{e<id>}:fenced``       string         result   set when the engine was retired: its
                                                    late writes are refused
 ``P:epoch``                string         none     random token of this cluster's state
+``P:server``               string         none     ``<run id> <ms>``: the server run on
+                                                   which a lease was first found lapsed
 ``P:{e<id>}:ns``           hash           none     namespace index: name -> type, size
 ``P:{e<id>}:done``         stream, capped none     completed commands; entry ``<n>-0``
                                                    is the n-th command
@@ -86,6 +88,10 @@ class Keys:
     @property
     def epoch(self) -> str:
         return f"{self.prefix}:epoch"
+
+    @property
+    def server(self) -> str:
+        return f"{self.prefix}:server"
 
     def namespace(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:ns"

@@ -16,15 +16,23 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
            scripts: Scripts | None = None) -> int:
     """Run ``retire.lua``: fail what the engine holds and take it out of service.
 
-    ``mode`` is ``reap`` (acts only if the lease expired; returns -1 otherwise), ``kill``
-    or ``shutdown``. Returns the number of commands failed.
+    ``mode`` is ``reap`` (acts only if the lease expired, and not within
+    :func:`restart_grace` of a server restart; returns -1 otherwise), ``kill`` or
+    ``shutdown``. Returns the number of commands failed.
     """
     scripts = scripts or Scripts(r)
     return int(scripts.retire(
         keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
-              keys.ctl(engine_id), keys.tasks, keys.fenced(engine_id),
+              keys.ctl(engine_id), keys.tasks, keys.fenced(engine_id), keys.server,
               keys.namespace(engine_id), keys.done(engine_id)],
-        args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000)]))
+        args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000),
+              int(restart_grace(settings) * 1000)]))
+
+
+def restart_grace(settings: Settings) -> float:
+    """Seconds a restarted server gives engines to renew the leases its downtime lapsed:
+    a heartbeat interval plus the longest reconnection backoff step, plus slack."""
+    return settings.heartbeat_ttl + settings.heartbeat_interval + 2.0
 
 
 def last_event_id(r: redis.Redis, keys: Keys) -> str:
@@ -61,7 +69,7 @@ def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
              scripts: Scripts | None = None, reap: bool = True) -> list[int]:
     """Ids of engines that hold a lease; engines whose lease expired are reaped on the way.
 
-    Without ``reap`` (just after the server stalled or restarted, when a lapsed lease is no
+    Without ``reap`` (just after the server stalled, when a lapsed lease is no
     proof of death) registered engines count as live."""
     candidates = [eid for eid, info in engines(r, keys).items() if info.get("state") != "dead"]
     if not candidates:

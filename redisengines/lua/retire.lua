@@ -1,10 +1,10 @@
 -- retire: take an engine out of service and settle every command it still holds.
 -- KEYS[1] P:engines   KEYS[2] P:events   KEYS[3] P:{e<id>}:inbox   KEYS[4] P:{e<id>}:hb
--- KEYS[5] P:{e<id>}:ctl   KEYS[6] P:tasks   KEYS[7] P:{e<id>}:fenced
--- KEYS[8..] other per-engine keys to delete
+-- KEYS[5] P:{e<id>}:ctl   KEYS[6] P:tasks   KEYS[7] P:{e<id>}:fenced   KEYS[8] P:server
+-- KEYS[9..] other per-engine keys to delete
 -- ARGV[1] engine id   ARGV[2] mode: 'reap' (only if the lease expired), 'kill', 'shutdown'
 -- ARGV[3] prefix P (result and reply keys are named after the entries' own fields)
--- ARGV[4] result TTL (ms)
+-- ARGV[4] result TTL (ms)   ARGV[5] grace after a server restart (ms)
 -- Inbox commands that were delivered (in the PEL) fail with started=true, the others with
 -- started=false. Tasks the engine held go back to P:tasks while their field `retries` is
 -- above 0 (decremented), else fail with started=true. Kill commands waiting in ctl succeed.
@@ -12,8 +12,29 @@
 -- Returns: the number of commands failed, or -1 when 'reap' found the lease still alive.
 local id = ARGV[1]
 local mode = ARGV[2]
-if mode == 'reap' and redis.call('EXISTS', KEYS[4]) == 1 then
-  return -1
+if mode == 'reap' then
+  if redis.call('EXISTS', KEYS[4]) == 1 then
+    return -1
+  end
+  -- Leases expire at absolute times, so the downtime (and the AOF/RDB load) of a restarted
+  -- server lapses them all. A lapsed lease is proof of death only once the engines have
+  -- had ARGV[5] ms to renew it on this server run: P:server = '<run id> <first seen, ms>'.
+  local ok, info = pcall(redis.call, 'INFO', 'server')
+  local run = ok and string.match(info, 'run_id:(%w+)')
+  if run then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    local seen = redis.call('GET', KEYS[8])
+    local seen_run, since = nil, nil
+    if seen then seen_run, since = string.match(seen, '^(%w+) (%d+)$') end
+    if seen_run ~= run then
+      redis.call('SET', KEYS[8], run .. ' ' .. now)
+      return -1
+    end
+    if now - tonumber(since) < tonumber(ARGV[5]) then
+      return -1
+    end
+  end
 end
 local errtype = 'EngineDiedError'
 local why = 'died (its heartbeat lease expired)'
@@ -95,7 +116,7 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[5], '-', '+')) do
   if f['op'] == 'kill' then notify(f, 'ok', 'op', 'kill') end
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-for i = 8, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 9, #KEYS do redis.call('DEL', KEYS[i]) end
 -- The decision: from now on the engine's own writes (complete, heartbeat) are refused.
 redis.call('SET', KEYS[7], mode, 'PX', ARGV[4])
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[6], 'engine', 'e' .. id)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from redisengines import (
     ConnectionLostError,
     EngineDiedError,
     RedisEnginesError,
+    registry,
 )
 from redisengines.connection import SOCKET_TIMEOUT
 from redisengines.server import EmbeddedServer
@@ -328,9 +330,6 @@ class Proxy:
 
 
 # ------------------------------------------------------------------ #16 AOF always
-@pytest.mark.skip(reason="known gap (issue 4): during a slow AOF load an engine is still "
-                         "fenced (cause not yet found), so its commands fail with "
-                         "EngineDiedError although the AOF kept them")
 def test_fault_16_crash_with_aof_always_keeps_results_and_resumes(tmp_path, latches) -> None:
     ledger = Ledger(tmp_path / "ran")
     # A slow load: every 1 KiB loaded the server answers (LOADING) and it dawdles on keys.
@@ -402,6 +401,30 @@ def test_fault_16_crash_with_aof_always_keeps_results_and_resumes(tmp_path, latc
             assert f"v = {eid + 40}" in record.code
         assert other.pull("v") == {0: 40, 1: 41}
         assert other.pull("w", targets=1) == 82
+
+
+def test_engine_that_dies_across_a_restart_is_reaped_after_the_grace(tmp_path,
+                                                                    latches) -> None:
+    """The restart grace of #16 (leases lapsed by the downtime are not proof of death) is a
+    delay, not an amnesty: an engine that really died meanwhile is reaped once it is over."""
+    with own_server("--appendonly", "yes", "--appendfsync", "always") as server, \
+            own_cluster(2, server.url, settings("grace16"), latches) as cluster:
+        client = cluster.client()
+        latch = latches()
+        held = latch.hold(client, 0)
+        queued = client.execute("pass", targets=0, block=False)
+        os.kill(cluster.processes[0].pid, signal.SIGKILL)
+        server.restart(nosave=True)
+        restarted = time.monotonic()
+        grace = registry.restart_grace(client.settings)
+        for f, started in ((held, True), (queued, False)):
+            with pytest.raises(EngineDiedError) as err:
+                f.result(timeout=grace + DEADLINE)
+            assert (err.value.engine_id, err.value.started) == (0, started)
+        # not before the grace was over (it starts at the first reap on the new server run)
+        assert time.monotonic() - restarted >= grace
+        assert client.ids == [1]
+        assert client.apply(os.getpid, targets=1) == cluster.processes[1].pid
 
 
 # ---------------------------------------------------------------- #17 AOF everysec
