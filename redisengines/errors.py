@@ -105,6 +105,12 @@ class ActorDiedError(EngineDiedError):
     """Raised when calling an actor that was killed, failed to start, or lost its engine."""
 
 
+class PoisonCommandError(EngineDiedError):
+    """Raised when a load-balanced call took down every engine it was delivered to, its
+    ``max_retries`` re-deliveries included. It is not delivered again: its entry is kept in
+    the dead-letter stream ``P:dead`` for an operator to inspect."""
+
+
 class TimeLimitExceeded(RedisEnginesError, TimeoutError):
     """Raised when a command ran longer than its time limit on the engine."""
 
@@ -241,6 +247,7 @@ _SYSTEM_ERRORS: dict[str, type[BaseException]] = {
     "EngineDiedError": EngineDiedError,
     "EngineShutdownError": EngineShutdownError,
     "ActorDiedError": ActorDiedError,
+    "PoisonCommandError": PoisonCommandError,
     "CancelledError": CancelledError,
     "ProtocolError": ProtocolError,
     "ClusterStateLostError": ClusterStateLostError,

@@ -28,6 +28,7 @@ key                        type           TTL      what an operator reads there
 ``P:tasks``                stream         none     load-balanced calls; group ``engine``;
                                                    XLEN = queued + running
 ``P:actors``               hash           none     actor name -> JSON (actor id, engine, class)
+``P:dead``                 stream, capped none     dead letters: poison load-balanced calls
 ``P:{o<oid>}``             hash           result   manifest of a paged object
 ``P:{o<oid>}:<n>``         string         result   page n of that object
 =========================  =============  =======  ======================================
@@ -88,6 +89,10 @@ class Keys:
     @property
     def epoch(self) -> str:
         return f"{self.prefix}:epoch"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
 
     @property
     def server(self) -> str:

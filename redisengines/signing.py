@@ -33,8 +33,8 @@ from .errors import ProtocolError
 SIG = "sig"
 TS = "ts"
 # Fields left out of a signature: the ones the system itself changes after signing (the
-# re-queue counter of a task, the reference count of an object) or adds (a notice's id).
-COMMAND = frozenset({b"sig", b"retries"})
+# re-queue counters of a task, the reference count of an object) or adds (a notice's id).
+COMMAND = frozenset({b"sig", b"retries", b"died"})
 RESULT = frozenset({b"sig", b"id", b"entry", b"stream"})  # the last two: submit.lua's
 MANIFEST = frozenset({b"sig", b"refs"})
 # Fields that are unpickled by a reader: never trusted without a valid signature.

@@ -1,13 +1,15 @@
 -- retire: take an engine out of service and settle every command it still holds.
 -- KEYS[1] P:engines   KEYS[2] P:events   KEYS[3] P:{e<id>}:inbox   KEYS[4] P:{e<id>}:hb
 -- KEYS[5] P:{e<id>}:ctl   KEYS[6] P:tasks   KEYS[7] P:{e<id>}:fenced   KEYS[8] P:server
--- KEYS[9..] other per-engine keys to delete
+-- KEYS[9] P:dead   KEYS[10..] other per-engine keys to delete
 -- ARGV[1] engine id   ARGV[2] mode: 'reap' (only if the lease expired), 'kill', 'shutdown'
 -- ARGV[3] prefix P (result and reply keys are named after the entries' own fields)
 -- ARGV[4] result TTL (ms)   ARGV[5] grace after a server restart (ms)
 -- Inbox commands that were delivered (in the PEL) fail with started=true, the others with
 -- started=false. Tasks the engine held go back to P:tasks while their field `retries` is
--- above 0 (decremented), else fail with started=true. Kill commands waiting in ctl succeed.
+-- above 0 (decremented, `died` counts the deaths), else fail with started=true; a task that
+-- had been re-queued before is poison: PoisonCommandError, and a copy of its entry goes to
+-- the dead-letter stream P:dead. Kill commands waiting in ctl succeed.
 -- 'reap' leaves the engine in P:engines with state "dead"; the others remove it.
 -- Returns: the number of commands failed, or -1 when 'reap' found the lease still alive.
 local id = ARGV[1]
@@ -62,12 +64,16 @@ local function notify(f, status, payload_field, payload)
   end
 end
 
-local function fail(f, was)
+local function fail(f, was, poison)
   if not f['id'] then return 0 end
   local msg = 'engine ' .. id .. ' ' .. why .. (was and ' while running ' or ' before starting ')
     .. (f['op'] or 'a') .. ' command ' .. f['id']
   local kind = errtype
-  if f['actor'] then  -- the actor lived there: ActorDiedError (an EngineDiedError too)
+  if poison then
+    kind = 'PoisonCommandError'
+    msg = msg .. ': the ' .. poison .. ' engines it was delivered to all died; it is not '
+      .. 'delivered again (its entry is in the dead-letter stream ' .. KEYS[9] .. ')'
+  elseif f['actor'] then  -- the actor lived there: ActorDiedError (an EngineDiedError too)
     kind = 'ActorDiedError'
     msg = msg .. ' (actor ' .. f['actor'] .. ' is gone with it)'
   end
@@ -95,13 +101,19 @@ if ok2 then
       local kv = found[1][2]
       local f = fields_of(kv)
       local left = tonumber(f['retries'] or '0') or 0
-      if left > 0 then
-        local again = {}
-        for i = 1, #kv, 2 do
+      local died = (tonumber(f['died'] or '0') or 0) + 1
+      local again = {'died', tostring(died)}
+      for i = 1, #kv, 2 do
+        if kv[i] ~= 'died' then
           again[#again + 1] = kv[i]
-          again[#again + 1] = (kv[i] == 'retries') and tostring(left - 1) or kv[i + 1]
+          again[#again + 1] = (kv[i] == 'retries') and tostring(math.max(left - 1, 0)) or kv[i + 1]
         end
+      end
+      if left > 0 then
         redis.call('XADD', KEYS[6], '*', unpack(again))
+      elseif died > 1 then
+        redis.call('XADD', KEYS[9], 'MAXLEN', '~', 1000, '*', 'engine', id, unpack(again))
+        failed = failed + fail(f, true, died)
       else
         failed = failed + fail(f, true)
       end
@@ -116,7 +128,7 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[5], '-', '+')) do
   if f['op'] == 'kill' then notify(f, 'ok', 'op', 'kill') end
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-for i = 9, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = 10, #KEYS do redis.call('DEL', KEYS[i]) end
 -- The decision: from now on the engine's own writes (complete, heartbeat) are refused.
 redis.call('SET', KEYS[7], mode, 'PX', ARGV[4])
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[6], 'engine', 'e' .. id)

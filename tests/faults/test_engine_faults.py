@@ -12,8 +12,7 @@ registers the process with the cluster so that teardown stops it too. Leases are
 (0.25 s renewal, 1.5 s TTL): a dead engine is noticed within :data:`DEADLINE`.
 
 Where the library departs from FAULTS.md on purpose (no ``EngineRestartedError``: a restarted
-engine gets a new id; no ``PoisonCommandError``: a poison call fails with ``EngineDiedError``
-once its retries are used up; an entry delivered to an engine that died before running it is
+engine gets a new id; an entry delivered to an engine that died before running it is
 reported with ``started=True``), the tests pin what the library documents.
 """
 
@@ -39,6 +38,7 @@ from redisengines import (
     EngineDiedError,
     EngineShutdownError,
     InvalidTargetError,
+    PoisonCommandError,
     RemoteError,
 )
 from redisengines.keys import ENGINE_GROUP, Keys
@@ -665,17 +665,22 @@ def test_fault_21_engine_connection_killed(cluster, client, r, server_url, clust
 def test_fault_39_poison_call_stops_after_its_retries(make_cluster, r, server_url,
                                                       cluster_name) -> None:
     """A load-balanced call that takes down every engine it reaches, with max_retries=2:
-    delivered 3 times (to 3 different engines), then EngineDiedError; it is not delivered
-    again although a fourth engine is alive, and that engine serves on."""
+    delivered 3 times (to 3 different engines), then PoisonCommandError (an EngineDiedError)
+    and a dead letter in P:dead; it is not delivered again although a fourth engine is
+    alive, and that engine serves on."""
     cluster = make_cluster(4, **FAST)
     client = cluster.client()
     deliveries = _new_key()
     t0 = time.monotonic()
     f = poison.options(client=client, max_retries=2).remote(server_url, deliveries)
-    with pytest.raises(EngineDiedError) as died:
+    with pytest.raises(PoisonCommandError) as died:
         f.result(timeout=3 * DEADLINE)
     assert time.monotonic() - t0 < 3 * DEADLINE
-    assert died.value.started is True
+    assert isinstance(died.value, EngineDiedError) and died.value.started is True
+    assert "the 3 engines it was delivered to all died" in str(died.value)
+    ((_, letter),) = r.xrange(f"re:{cluster_name}:dead")
+    assert (letter[b"id"].decode(), letter[b"died"], letter[b"fn"]) == (
+        died.value.cmd_id, b"3", b"_poison")
     pids = [int(p) for p in r.lrange(deliveries, 0, -1)]
     assert len(pids) == 3 and len(set(pids)) == 3
     by_pid = {p.pid: eid for eid, p in cluster.processes.items()}
