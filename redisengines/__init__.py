@@ -17,6 +17,7 @@ from concurrent.futures import CancelledError
 from .api import cancel, get, get_actor, init, kill, put, remote, shutdown, wait
 from .cluster import Cluster
 from .config import Settings
+from .connection import TLSVerificationError
 from .coordinator import Client, Result
 from .errors import (
     ActorDiedError,
@@ -105,6 +106,7 @@ __all__ = [
     "ServerOutOfMemoryError",
     "ServerStartError",
     "Settings",
+    "TLSVerificationError",
     "TimeLimitExceeded",
     "__version__",
     "cancel",

@@ -37,7 +37,7 @@ from . import __version__, signing
 from .checks import eviction_policy, runtime
 from .commands import Namespace, describe
 from .config import Settings
-from .connection import BLOCK_SECONDS, connect
+from .connection import BLOCK_SECONDS, connect, follow_master, lost_master, master_address
 from .errors import ProtocolError, error_record, pickle_exception
 from .keys import ENGINE_GROUP, Keys
 from .launcher import set_parent_death_signal
@@ -72,7 +72,8 @@ class Engine:
         self.keys = Keys(settings.cluster)
         self.parent_pid = parent_pid
         self.handle_signals = handle_signals
-        self.r = connect(settings.redis_url, retries=settings.retries, pool_size=4)
+        self.r = connect(settings.redis_url, retries=settings.retries, pool_size=4,
+                         tls=settings.tls)
         self.scripts = Scripts(self.r)
         self.store = ObjectStore(self.r, self.keys, settings, self.scripts)
         self.id = -1
@@ -188,7 +189,8 @@ class Engine:
 
     def _retire(self, mode: str) -> int:
         # Its own connection: the main one may be in the middle of a read.
-        r = connect(self.settings.redis_url, retries=self.settings.retries)
+        r = connect(self.settings.redis_url, retries=self.settings.retries,
+                    tls=self.settings.tls)
         try:
             return retire(r, self.keys, self.id, mode, self.settings)
         except redis.RedisError as exc:
@@ -204,7 +206,7 @@ class Engine:
         if getattr(self, "_loop_r", None) is not None:
             self._loop_r.close()  # the connection of a retired incarnation
         self._loop_r = connect(self.settings.redis_url, retries=0, pool_size=1,
-                               name=f"{self.keys.prefix}:e{self.id}:loop")
+                               name=f"{self.keys.prefix}:e{self.id}:loop", tls=self.settings.tls)
         inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
@@ -214,7 +216,19 @@ class Engine:
         # Entries read but not yet run: at most one per stream, because a read asks for one
         # entry per stream and only happens when this is empty (no greedy prefetch).
         ready: list[tuple[str, bytes, dict[bytes, bytes] | None]] = []
+        master = None  # where a sentinel URL's master was (the control thread follows it)
         while True:
+            where = master_address(self._loop_r)
+            if where != master:
+                if master is not None:
+                    # A failover: the new master's copy of our PEL is what counts (it may hold
+                    # entries whose completion the old master lost); what we read from the
+                    # old one is re-read there or, if it never got there, was lost with it.
+                    log.warning("engine %d: the master moved to %s:%s; re-reading our pending "
+                                "entries there", self.id, *where)
+                    cursor = "0"
+                    ready.clear()
+                master = where
             # still complete what ran, read nothing more
             stopping = self._stopping.is_set() or self._fence.is_set()
             pipe = self._loop_r.pipeline(transaction=False)
@@ -228,6 +242,10 @@ class Engine:
                                 block=None if cursor == "0" else block_ms)
             try:
                 replies = pipe.execute(raise_on_error=False)
+                demoted = next((e for e in replies if isinstance(e, Exception)
+                                and lost_master(e)), None)
+                if demoted is not None:  # (a completion is retried: complete.lua is idempotent)
+                    raise redis.ConnectionError(f"the server is no master now: {demoted}")
                 failures = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 failures += 1
@@ -391,13 +409,15 @@ class Engine:
         """One incarnation's side thread: it uses only its own ``fence`` and ``engine_id``,
         so that a late one cannot touch the next incarnation. It renews the lease until the
         main thread is done serving, even after SIGTERM (a command may still be running)."""
-        r = connect(self.settings.redis_url, retries=self.settings.retries)
+        r = connect(self.settings.redis_url, retries=self.settings.retries,
+                    tls=self.settings.tls)
         scripts = Scripts(r)
         ctl = self.keys.ctl(engine_id)
         last = "0-0"
         interval = self.settings.heartbeat_interval
         next_beat = 0.0
         ns_snapshot: dict[str, tuple[int, type]] = {}
+        demoted = False  # the server refuses writes: said once, not every interval
         while not served.is_set() and not fence.is_set():
             try:
                 now = time.monotonic()
@@ -407,6 +427,10 @@ class Engine:
                         return
                     ns_snapshot = self._publish_namespace(r, ns_snapshot)
                     next_beat = now + interval
+                    # A sentinel URL: move every connection to a new master at once (the main
+                    # loop re-reads its PEL there), not when the old one is reconfigured.
+                    if follow_master(r, self.r, getattr(self, "_loop_r", None)):
+                        log.warning("engine %d: the master moved (failover)", self.id)
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         log.error("engine %d: parent process is gone, exiting", self.id)
                         self._retire("shutdown")
@@ -417,10 +441,17 @@ class Engine:
                     for entry_id, fields in entries:
                         last = entry_id
                         self._control(r, fields)
+                demoted = False
             except redis.ConnectionError as exc:
                 log.warning("engine %d: control connection: %s", self.id, exc)
                 time.sleep(interval)
-            except Exception:
+            except Exception as exc:
+                if lost_master(exc):  # demoted under us: as a lost connection
+                    if not demoted:
+                        log.warning("engine %d: control connection: %s", self.id, exc)
+                    demoted = True
+                    time.sleep(interval)
+                    continue
                 log.exception("engine %d: unexpected error in the control thread", self.id)
                 time.sleep(interval)
 

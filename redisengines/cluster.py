@@ -86,7 +86,7 @@ class Cluster:
         if n == 0:
             return []
         settings = self.settings.replace(redis_url=self.local_url)
-        r = redis_connect(self.local_url, retries=self.settings.retries)
+        r = redis_connect(self.local_url, retries=self.settings.retries, tls=self.settings.tls)
         try:
             from .keys import Keys
             keys = Keys(self.name)

@@ -19,7 +19,13 @@ variable                                field                default
 ``REDISENGINES_RETRIES``                ``retries``          8 (about 7 s of backoff)
 ``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
 ``REDISENGINES_KEY``                    ``key``              none (``Cluster`` makes one)
+``REDISENGINES_TLS_CA_FILE``            ``tls_ca_file``      none (the system's CAs)
+``REDISENGINES_TLS_CERT_FILE``          ``tls_cert_file``    none (no client certificate)
+``REDISENGINES_TLS_KEY_FILE``           ``tls_key_file``     none (the key is in the cert file)
 ======================================  ===================  ==========================
+
+The ``tls_*`` files (PEM) are for ``rediss://`` URLs only: setting one with another URL is a
+``ValueError``. The server's certificate is always verified, host name included.
 """
 
 from __future__ import annotations
@@ -31,6 +37,17 @@ from typing import Any
 
 ENV_PREFIX = "REDISENGINES_"
 _MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TLS:
+    """The files of a ``rediss://`` connection (PEM paths): the CA bundle that verifies the
+    server's certificate (None: the system's), and this side's certificate and key for servers
+    that require one (mutual TLS; None: none, or the key is in ``cert_file``)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +68,10 @@ class Settings:
     server_bin: str | None = None
     # The cluster's signing key (hex); None: messages are neither signed nor checked.
     key: str | None = field(default=None, repr=False)
+    # TLS files (PEM) for a rediss:// URL; see :class:`TLS`.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.cluster or any(c in self.cluster for c in "{}: \t\n"):
@@ -62,6 +83,18 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0:
             raise ValueError("retries must be >= 0")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file (REDISENGINES_TLS_KEY_FILE) needs tls_cert_file "
+                             "(REDISENGINES_TLS_CERT_FILE), the certificate it goes with")
+        if self.tls is not None and self.redis_url is not None:
+            check_tls_url(self.redis_url)
+
+    @property
+    def tls(self) -> TLS | None:
+        """The TLS files to connect with, or None if no ``tls_*`` setting is given."""
+        if not (self.tls_ca_file or self.tls_cert_file or self.tls_key_file):
+            return None
+        return TLS(self.tls_ca_file or None, self.tls_cert_file or None, self.tls_key_file or None)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -92,3 +125,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def check_tls_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is one that TLS settings apply to (``rediss://``)."""
+    if not url.startswith("rediss://"):
+        scheme = url.partition("://")[0] or url
+        raise ValueError(
+            f"the tls_* settings (REDISENGINES_TLS_CA_FILE, _CERT_FILE, _KEY_FILE) are for a "
+            f"rediss:// URL, not {scheme}://: use rediss://host:port for a TLS server, or unset "
+            "them (the embedded server has no TLS)")

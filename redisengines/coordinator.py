@@ -97,7 +97,7 @@ class Client:
         self.schema = Keys(cluster)
         self.client_id = uuid.uuid4().hex[:16]
         self.r = redis_connect(self.transport_url, retries=self.settings.retries,
-                               name=f"re:{cluster}:client")
+                               name=f"re:{cluster}:client", tls=self.settings.tls)
         self.scripts = Scripts(self.r)
         self.store = ObjectStore(self.r, self.schema, self.settings, self.scripts)
         self._seq = itertools.count(1)

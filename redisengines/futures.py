@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import checks
-from .connection import BLOCK_SECONDS, connect
+from .connection import BLOCK_SECONDS, connect, follow_master, lost_master
 from .errors import (
     ClusterStateLostError,
     CommandLostError,
@@ -269,7 +269,8 @@ class ReplyListener(threading.Thread):
     def __init__(self, client: Client, events_from: str) -> None:
         super().__init__(name=f"re-replies-{client.client_id}", daemon=True)
         self.client = client
-        self.r = connect(client.transport_url, retries=client.settings.retries, pool_size=2)
+        self.r = connect(client.transport_url, retries=client.settings.retries, pool_size=2,
+                         tls=client.settings.tls)
         self.stream = client.schema.replies(client.client_id)
         self._routes: dict[str, tuple[PendingResult, int]] = {}
         self._acknowledged: set[str] = set()
@@ -302,7 +303,7 @@ class ReplyListener(threading.Thread):
 
     def close(self) -> None:
         self._closing.set()
-        waker = connect(self.client.transport_url, retries=0)
+        waker = connect(self.client.transport_url, retries=0, tls=self.client.settings.tls)
         try:  # wake the blocked read at once; no retrying if Redis is gone
             waker.xadd(self.stream, {"wake": "1"})
         except redis.RedisError:
@@ -350,9 +351,20 @@ class ReplyListener(threading.Thread):
                 log.warning("reply listener: Redis unreachable: %s", exc)
                 self._fail_all(ConnectionLostError(f"lost the connection to Redis: {exc}"))
                 time.sleep(min(2.0, 0.1 * 2 ** failures))
-            except Exception:
+            except Exception as exc:
                 if self._closing.is_set():
                     return
+                if lost_master(exc):
+                    # Demoted under us (a URL without a sentinel to find the new master): a
+                    # stall while it lasts, then given up on as a lost connection.
+                    failures += 1
+                    log.warning("reply listener: the server is no master now: %s", exc)
+                    self._no_reap_until = time.monotonic() + 2 * interval + 1.0
+                    if failures > self.client.settings.retries:
+                        self._fail_all(ConnectionLostError(
+                            f"the Redis server stopped being a master: {exc}"))
+                    time.sleep(min(2.0, 0.1 * 2 ** failures))
+                    continue
                 log.exception("reply listener: unexpected error")
                 time.sleep(0.1)
 
@@ -490,6 +502,10 @@ class ReplyListener(threading.Thread):
 
     def _check_leases(self) -> None:
         """Reap the engines we wait on whose lease expired; their notices follow."""
+        # A sentinel URL: move to a new master now (the run id check below then looks for
+        # what the failover lost), not when the old one is reconfigured.
+        if follow_master(self.r, self.client.r):
+            log.warning("reply listener: the master moved (failover)")
         if self._check_state() or self.stalled():
             return  # (a stall: engines get time to renew their leases first)
         with self._lock:

@@ -150,13 +150,13 @@ def settle(futures: dict[str, concurrent.futures.Future], timeout: float = DEADL
 
 def untruthful(outcomes: dict[str, Any], ran: collections.Counter[str]) -> dict[str, str]:
     """Outcomes that misstate whether their command ran, by what the ledger shows: a result
-    means it ran once; an error that says it never ran (CommandLostError, EngineDiedError
-    with ``started=False``) means it did not (the user may send it again); any other error
-    leaves it open, but nothing runs twice."""
+    means it ran once; an error that says it never ran (EngineDiedError with
+    ``started=False``) means it did not (the user may send it again); any other error
+    (CommandLostError included: whether it ran is unknown) leaves it open, but nothing
+    runs twice."""
     wrong = {}
     for tag, outcome in outcomes.items():
-        never = isinstance(outcome, CommandLostError) or (
-            isinstance(outcome, EngineDiedError) and not outcome.started)
+        never = isinstance(outcome, EngineDiedError) and not outcome.started
         if (outcome is None and ran[tag] != 1) or (never and ran[tag] != 0) or ran[tag] > 1:
             wrong[tag] = f"{outcome!r} but ran {ran[tag]} times"
     return wrong
