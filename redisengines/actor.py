@@ -457,9 +457,15 @@ class Engine:
 
     def _heartbeat(self, scripts: Scripts, engine_id: int) -> bool:
         keys = self.keys
-        return bool(scripts.heartbeat(
+        sent = time.time()
+        redis_ms = int(scripts.heartbeat(
             keys=[keys.heartbeat(engine_id), keys.engines, keys.fenced(engine_id)],
             args=[engine_id, self._ttl_ms(), json.dumps(self._info())]))
+        if redis_ms and self.store.signer is not None:
+            # Signatures are stamped on the Redis clock: follow it if this host's clock is
+            # stepped (NTP), not just as it was at registration.
+            self.store.signer.clock_offset = redis_ms / 1000 - (sent + time.time()) / 2
+        return redis_ms != 0
 
     def _publish_namespace(self, r: redis.Redis,
                            before: dict[str, tuple[int, type]]) -> dict[str, tuple[int, type]]:

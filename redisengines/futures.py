@@ -460,7 +460,12 @@ class ReplyListener(threading.Thread):
         pipe = self.r.pipeline(transaction=False)
         pipe.get(schema.epoch)
         pipe.xrevrange(schema.events, count=1)
-        epoch, last = pipe.execute()
+        pipe.time()
+        sent = time.time()
+        epoch, last, (sec, usec) = pipe.execute()
+        signer = self.client.store.signer
+        if signer is not None:  # stamps follow the Redis clock, even if ours is stepped
+            signer.clock_offset = sec + usec / 1e6 - (sent + time.time()) / 2
         run_id = _run_id(self.r)  # None where INFO is not allowed (an ACL user)
         restarted, self._run_id = run_id != self._run_id, run_id
         newest = last[0][0].decode() if last else "0-0"

@@ -18,6 +18,9 @@ if mode == 'reap' then
   if redis.call('EXISTS', KEYS[4]) == 1 then
     return -1
   end
+  if redis.call('EXISTS', KEYS[7]) == 1 then
+    return 0  -- retired already (another reaper came first): nothing to settle, no event
+  end
   -- Leases expire at absolute times, so the downtime (and the AOF/RDB load) of a restarted
   -- server lapses them all. A lapsed lease is proof of death only once the engines have
   -- had ARGV[5] ms to renew it on this server run: P:server = '<run id> <first seen, ms>'.
