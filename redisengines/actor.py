@@ -7,8 +7,14 @@ Two threads, two connections:
   with ``complete.lua`` — result, notice, history and XACK in one atomic step — pipelined
   with the next blocking read, so an idle engine costs one round trip per command;
 * the control thread renews the heartbeat lease, publishes the engine's state, keeps the
-  namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``) even while the main
-  thread is busy.
+  namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``, ``interrupt``) even
+  while the main thread is busy.
+
+What a command prints is kept for its result and streamed to ``P:{e<id>}:out`` while it runs
+(:mod:`redisengines.output`, on a thread of its own). A command is interrupted — an abort, its
+time limit (:class:`~redisengines.watchdog.Watchdog`), a fence — by SIGINT to the main
+thread, which raises in the user's code; one that ignores it for ``interrupt_grace`` seconds
+takes the engine down.
 
 An engine whose lease expired may be retired by any client (``retire.lua`` fails what it
 held and sets its fence); ``complete.lua`` and ``heartbeat.lua`` then refuse the old
@@ -17,7 +23,6 @@ incarnation, which registers again under a new id.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,20 +43,22 @@ from .checks import eviction_policy, runtime
 from .commands import Namespace, describe
 from .config import Settings
 from .connection import BLOCK_SECONDS, connect, follow_master, lost_master, master_address
-from .errors import ProtocolError, error_record, pickle_exception
+from .errors import ProtocolError, error_record, pickle_exception, system_record
 from .keys import ENGINE_GROUP, Keys
 from .launcher import set_parent_death_signal
+from .output import Capture, Pump, PumpHandler
 from .protocol import Command, identify
 from .registry import retire
 from .scripts import Scripts
 from .signing import SignatureError
 from .store import ObjectStore
+from .watchdog import Watchdog
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("redisengines.actor")  # (also when run as __main__)
 
 EXIT_PARENT_GONE = 4
+EXIT_OVERRUN = 5  # an interrupted command ignored the interrupt for interrupt_grace
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_STDOUT_MAX = 1 << 20
 _SEEN_KEPT = 100_000
 # Notices up to this size carry the whole result; larger ones make the client fetch it.
 _NOTICE_INLINE_MAX = 64 * 1024
@@ -59,6 +66,11 @@ _NOTICE_INLINE_MAX = 64 * 1024
 
 class _Shutdown(BaseException):
     """Raised in the main thread by SIGTERM while it waits for work."""
+
+
+class _TimeLimit(BaseException):
+    """Raised in a command's code when it ran past its time limit (a BaseException, so that
+    ``except Exception`` in user code does not swallow it)."""
 
 
 class Engine:
@@ -87,6 +99,13 @@ class Engine:
         self._seen: OrderedDict[str, None] = OrderedDict()  # command ids run, for replays
         self._fence = threading.Event()  # set when this incarnation was retired
         self._faults = parse_faultpoints(os.environ.get(FAULTPOINT_ENV, ""))
+        # Interrupts: _lock orders "which command runs" against "interrupt that command".
+        self._lock = threading.Lock()
+        self._interrupt: tuple[str, str] | None = None  # (command id, why) of our own SIGINT
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted before they started
+        self._watchdog = Watchdog(name="re-watchdog")
+        self._pump = Pump(lambda: connect(settings.redis_url, retries=settings.retries,
+                                          pool_size=1, tls=settings.tls))
 
     # --------------------------------------------------------------------- lifecycle
     def register(self) -> int:
@@ -121,6 +140,18 @@ class Engine:
         if self.handle_signals:
             signal.signal(signal.SIGTERM, self._on_sigterm)
             signal.signal(signal.SIGINT, self._on_sigint)
+        self._pump.start()
+        logs = PumpHandler(self._pump, lambda: self.keys.output(self.id) if self.id >= 0 else None,
+                           lambda: (self._current or ("",))[0])
+        logging.getLogger("redisengines").addHandler(logs)
+        try:
+            return self._run_incarnations()
+        finally:
+            logging.getLogger("redisengines").removeHandler(logs)
+            self._watchdog.stop()
+            self._pump.stop()
+
+    def _run_incarnations(self) -> int:
         control: threading.Thread | None = None
         while True:
             served = threading.Event()  # the lease is renewed until serving is over
@@ -172,7 +203,17 @@ class Engine:
             raise _Shutdown()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        """Ctrl-C interrupts the running command; an idle engine shuts down."""
+        """Ctrl-C interrupts the running command; an idle engine shuts down. Our own SIGINT
+        (an abort, a time limit, a fence) interrupts the command it was sent for, if that
+        is still the one running, and is otherwise ignored."""
+        ours, self._interrupt = self._interrupt, None
+        if ours is not None:
+            current = self._current
+            if self._executing and current is not None and current[0] == ours[0]:
+                if ours[1] == "time_limit":
+                    raise _TimeLimit()
+                raise KeyboardInterrupt()
+            return
         if self._executing:
             raise KeyboardInterrupt()
         if not self._fence.is_set():  # (a retired engine interrupts itself: not a shutdown)
@@ -181,11 +222,52 @@ class Engine:
     def _fenced(self, where: str, fence: threading.Event | None = None) -> None:
         log.error("engine %d: retired by the cluster (%s): it was presumed dead", self.id, where)
         (fence or self._fence).set()
-        if self._executing and self.handle_signals and \
-                threading.current_thread() is not threading.main_thread():
-            # Its command was failed already: stop the wasted work. A real signal, so that a
-            # blocking call (sleep, I/O) is interrupted too.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        current = self._current
+        if current is not None and threading.current_thread() is not threading.main_thread():
+            # Its command was failed already: stop the wasted work.
+            self._interrupt_command(current[0], "fenced")
+
+    def _interrupt_command(self, cmd_id: str, why: str) -> bool:
+        """Interrupt ``cmd_id`` if it is running: SIGINT to the main thread (so that a
+        blocking call, a sleep or I/O, is interrupted too), and a grace period after which
+        an engine still running it goes down. False if it is not running."""
+        with self._lock:
+            current = self._current
+            if not (self._executing and current is not None and current[0] == cmd_id):
+                return False
+            if not self.handle_signals:
+                return False
+            self._interrupt = (cmd_id, why)
+        log.warning("engine %d: interrupting %s %s (%s)", self.id, current[1], cmd_id,
+                    why.replace("_", " "))
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        grace = self.settings.interrupt_grace
+        if grace > 0 and why != "fenced":
+            self._watchdog.arm(("grace", cmd_id), grace, lambda: self._overrun(cmd_id, why))
+        return True
+
+    def _abort(self, cmd_id: str) -> None:
+        """An ``interrupt`` control entry: interrupt ``cmd_id`` now, or when it starts."""
+        with self._lock:
+            if not (self._current is not None and self._current[0] == cmd_id):
+                self._aborted[cmd_id] = None  # (one that already ran is never read again)
+                if len(self._aborted) > _SEEN_KEPT:
+                    self._aborted.popitem(last=False)
+                return
+        self._interrupt_command(cmd_id, "abort")
+
+    def _overrun(self, cmd_id: str, why: str) -> None:
+        """The watchdog: ``cmd_id`` ignored its interrupt for the whole grace period."""
+        current = self._current
+        if current is None or current[0] != cmd_id:
+            return
+        log.error("engine %d: %s %s ignored its interrupt (%s) for %.1f s; the engine goes "
+                  "down with it", self.id, current[1], cmd_id, why.replace("_", " "),
+                  self.settings.interrupt_grace)
+        self._killed.set()
+        self._retire("kill")
+        self._pump.stop()
+        os._exit(EXIT_OVERRUN)
 
     def _retire(self, mode: str) -> int:
         # Its own connection: the main one may be in the middle of a read.
@@ -326,11 +408,32 @@ class Engine:
             invalid = f"invalid-{self.id}-{entry_id}"  # entry ids repeat across streams
             return self._complete_args(stream, entry_id, cmd_id or invalid, client, "invalid",
                                        result, started, result_key=self.keys.result(invalid))
-        self._current = (cmd.id, cmd.op, started)
-        out, err = io.StringIO(), io.StringIO()
+        try:
+            limit = float(cmd.fields[b"tl"]) if b"tl" in cmd.fields else None
+        except ValueError:
+            limit = None
+        with self._lock:
+            aborted = cmd.id in self._aborted
+            if aborted:
+                del self._aborted[cmd.id]
+            else:
+                self._current = (cmd.id, cmd.op, started)
+        if aborted:
+            record = system_record("CancelledError", f"{cmd.op} {cmd.id} was aborted before it "
+                                   f"started on engine {self.id}", engine_id=self.id,
+                                   cmd_id=cmd.id)
+            return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op,
+                                       {"status": "error", "error": json.dumps(record)},
+                                       started)
+        output = self.keys.output(self.id)
+        out = Capture("stdout", cmd.id, output, self._pump)
+        err = Capture("stderr", cmd.id, output, self._pump)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         self._executing = True
+        if limit is not None:
+            self._watchdog.arm(("limit", cmd.id), limit,
+                               lambda: self._interrupt_command(cmd.id, "time_limit"))
         try:
             if self._faults:
                 self._faultpoint("before_exec")
@@ -342,13 +445,21 @@ class Engine:
         except BaseException as exc:  # noqa: B036 - user code may raise anything
             if isinstance(exc, _Shutdown):
                 raise
-            result = self._error_fields(exc, cmd)
+            if isinstance(exc, _TimeLimit):
+                result = self._time_limit_fields(exc, cmd, limit)
+            else:
+                result = self._error_fields(exc, cmd)
         finally:
-            self._executing = False
+            with self._lock:
+                self._executing = False
+                self._current = None
+                self._interrupt = None
+            if limit is not None:
+                self._watchdog.disarm(("limit", cmd.id))
+            self._watchdog.disarm(("grace", cmd.id))
             sys.stdout, sys.stderr = saved
-            self._current = None
-        result["stdout"] = _cap(out.getvalue())
-        result["stderr"] = _cap(err.getvalue())
+        result["stdout"] = out.getvalue()
+        result["stderr"] = err.getvalue()
         if cmd.op == "execute":
             result["code"] = cmd.fields.get(b"code", b"")
         if self._faults:
@@ -372,6 +483,7 @@ class Engine:
             self._seen.popitem(last=False)
 
     def _error_fields(self, exc: BaseException, cmd: Command) -> dict[str, Any]:
+        _drop_signal_frame(exc)
         tb = exc.__traceback__
         skip = 0  # drop the engine's own frames above the user's
         while tb is not None and tb.tb_next is not None and \
@@ -383,6 +495,17 @@ class Engine:
         if pickled is not None:
             fields["exc"] = pickled
         return fields
+
+    def _time_limit_fields(self, exc: _TimeLimit, cmd: Command,
+                           limit: float | None) -> dict[str, Any]:
+        """TimeLimitExceeded, with where the code was when it was interrupted."""
+        message = (f"{cmd.op} {cmd.id} ran longer than its time limit of {limit:g} s on "
+                   f"engine {self.id} and was interrupted")
+        where = json.loads(self._error_fields(exc, cmd)["error"]).get("traceback", "")
+        tb = where.rstrip("\n").rpartition("\n")[0] + f"\nTimeLimitExceeded: {message}\n"
+        record = system_record("TimeLimitExceeded", message, engine_id=self.id, cmd_id=cmd.id,
+                               op=cmd.op, time_limit=limit, traceback=tb)
+        return {"status": "error", "error": json.dumps(record)}
 
     def _complete_args(self, stream: str, entry_id: str, cmd_id: str, client: str | None,
                        op: str, result: dict[str, Any], started: float,
@@ -490,6 +613,9 @@ class Engine:
             except SignatureError as exc:
                 log.warning("engine %d: refusing a control entry: %s", self.id, exc)
                 return
+        if op == "interrupt":
+            self._abort(fields.get(b"id", b"").decode("utf-8", "replace"))
+            return
         if op != "kill":
             log.warning("engine %d: ignoring unknown control entry %r", self.id, op)
             return
@@ -521,10 +647,15 @@ class Engine:
             "started": round(self.started_at, 3), "version": __version__,
             "python": sys.version.split()[0], "cloudpickle": runtime()["cloudpickle"],
             "state": "busy" if current else "idle",
-            "completed": self.seq,
+            "completed": self.seq, "rss": _rss(),
         }
+        now = time.time()
+        info["uptime"] = round(now - self.started_at, 3)
         if current:
-            info.update(running=current[0], op=current[1], since=round(current[2], 3))
+            # `since` on this host's clock; `running_for` as of `beat` (the Redis time that
+            # heartbeat.lua adds), which is what an age is computed from, skew-free
+            info.update(running=current[0], op=current[1], since=round(current[2], 3),
+                        running_for=round(now - current[2], 3))
         return info
 
     def _ttl_ms(self) -> int:
@@ -551,6 +682,27 @@ def parse_faultpoints(spec: str) -> dict[str, str]:
     return points
 
 
+def _drop_signal_frame(exc: BaseException) -> None:
+    """Cut our SIGINT handler's frame off the end of an interrupt's traceback: the user's
+    traceback ends where their code was interrupted."""
+    prev, tb = None, exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        prev, tb = tb, tb.tb_next
+    if prev is not None and tb is not None and tb.tb_frame.f_code is Engine._on_sigint.__code__:
+        prev.tb_next = None
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (its peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
 def _what(cmd: Command) -> str:
     """How a command's result is named in a serialization error."""
     names = cmd.names() if cmd.op in ("pull", "pull_namespace", "pull_serialized") else None
@@ -558,11 +710,6 @@ def _what(cmd: Command) -> str:
         return f"{cmd.op} of {', '.join(map(repr, names))}"
     return f"result of {cmd.op}"
 
-
-def _cap(text: str) -> str:
-    if len(text) <= _STDOUT_MAX:
-        return text
-    return text[:_STDOUT_MAX] + f"\n[... {len(text) - _STDOUT_MAX} more characters dropped]\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ variable                                field                default
 ``REDISENGINES_DONE_HISTORY``           ``done_history``     1000 commands
 ``REDISENGINES_MAX_QUEUE``              ``max_queue``        100000 commands per stream
 ``REDISENGINES_RETRIES``                ``retries``          8 (about 7 s of backoff)
+``REDISENGINES_INTERRUPT_GRACE``        ``interrupt_grace``  5.0 s
 ``REDISENGINES_SERVER_BIN``             ``server_bin``       bundled valkey-server
 ``REDISENGINES_KEY``                    ``key``              none (``Cluster`` makes one)
 ``REDISENGINES_TLS_CA_FILE``            ``tls_ca_file``      none (the system's CAs)
@@ -65,6 +66,9 @@ class Settings:
     done_history: int = 1000
     max_queue: int = 100_000
     retries: int = 8
+    # An interrupted command (time limit, abort) still running after this takes its engine
+    # down; 0: never.
+    interrupt_grace: float = 5.0
     server_bin: str | None = None
     # The cluster's signing key (hex); None: messages are neither signed nor checked.
     key: str | None = field(default=None, repr=False)
@@ -83,6 +87,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.retries < 0:
             raise ValueError("retries must be >= 0")
+        if self.interrupt_grace < 0:
+            raise ValueError("interrupt_grace must be >= 0")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file (REDISENGINES_TLS_KEY_FILE) needs tls_cert_file "
                              "(REDISENGINES_TLS_CERT_FILE), the certificate it goes with")

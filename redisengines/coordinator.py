@@ -42,7 +42,8 @@ from .errors import (
 )
 from .futures import Finalize, PendingResult, ReplyListener, completed
 from .keys import ENGINE_GROUP, Keys
-from .protocol import entry
+from .progress import wait_with_progress
+from .protocol import entry, limit_field
 from .scripts import Scripts
 from .serialization import Serialized, check_size, serialize
 from .signing import SignatureError, needs_signature
@@ -133,6 +134,7 @@ class Client:
             self.r.delete(self.schema.replies(self.client_id))
         except redis.RedisError:
             pass
+        self.store.close()
         self.r.close()
 
     def __enter__(self) -> Client:
@@ -301,6 +303,7 @@ class Client:
         """A PendingResult whose large values are released once it is garbage collected."""
         pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
         pending._store = self.store
+        pending._client = self
         weakref.finalize(pending, self._unreferenced.extend, pending._objects)
         return pending
 
@@ -350,26 +353,36 @@ class Client:
 
     # ---------------------------------------------------------- the multiengine API
     def execute(self, code: str, targets: Targets = "all", block: bool = True,
-                timeout: float | None = None) -> Any:
-        """Run ``code`` in each target's namespace; ``None`` per engine."""
+                timeout: float | None = None, time_limit: float | None = None) -> Any:
+        """Run ``code`` in each target's namespace; ``None`` per engine.
+
+        ``timeout`` bounds the wait here; ``time_limit`` bounds the run there: code still
+        running after ``time_limit`` seconds is interrupted on its engine and fails with
+        :class:`TimeLimitExceeded` (the engine serves on).
+        """
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
-        return self._submit("execute", targets, {"code": code}, block=block, timeout=timeout)
+        return self._submit("execute", targets, {"code": code, **limit_field(time_limit)},
+                            block=block, timeout=timeout)
 
     def apply(self, f: Callable[..., Any], /, *args: Any, targets: Targets = "all",
-              block: bool = True, timeout: float | None = None, **kwargs: Any) -> Any:
+              block: bool = True, timeout: float | None = None,
+              time_limit: float | None = None, **kwargs: Any) -> Any:
         """Call ``f(*args, **kwargs)`` on each target and return what it returns.
 
         A function defined interactively (in ``__main__``) runs with the engine's namespace
         as its globals, so it sees the names ``push`` and ``execute`` put there.
+        ``time_limit`` as for :meth:`execute`.
         """
         if not callable(f):
             raise TypeError(f"apply needs a callable, not {type(f).__name__}")
+        limit = limit_field(time_limit)
         ids = self._targets(targets)
         name = getattr(f, "__qualname__", type(f).__name__)
         fields = self._payload((f, args, kwargs), len(ids[0]), f"call of {name}")
         fields["fn"] = name
-        return self._submit("apply", targets, fields, block=block, timeout=timeout, ids=ids)
+        return self._submit("apply", targets, {**fields, **limit}, block=block,
+                            timeout=timeout, ids=ids)
 
     def push(self, namespace: dict[str, Any], targets: Targets = "all", block: bool = True,
              timeout: float | None = None) -> Any:
@@ -476,6 +489,44 @@ class Client:
         for eid in eids:
             self._engine_gone(eid)
         return self._finish(pending, block, timeout)
+
+    def abort(self, pending: PendingResult | Iterable[PendingResult]) -> None:
+        """Interrupt the given commands or calls on their engines, queued or running.
+
+        A running one gets ``KeyboardInterrupt`` raised in its code (its ``finally`` blocks
+        run): it fails with a :class:`RemoteError` whose ``remote_type`` is
+        ``KeyboardInterrupt``, and the engine serves on. One that has not started fails with
+        ``CancelledError`` when its engine reaches it. Code that ignores the interrupt for
+        ``INTERRUPT_GRACE`` seconds takes its engine down with it (``EngineShutdownError``).
+        Finished parts are left alone. Returns once the requests are in Redis. Abort several
+        with one call: then none of them starts while the others are being aborted.
+        """
+        futures = [pending] if isinstance(pending, PendingResult) else list(pending)
+        targets: list[tuple[int, str]] = []
+        for f in futures:
+            if f.done():
+                continue
+            for eid, cmd_id in f.cmd_ids.items():
+                if eid == -1:  # load-balanced: still queued, or taken by some engine
+                    if self._dispatcher.cancel(f):
+                        break
+                    eid = self._dispatcher.running_on(f)
+                    if eid is None:
+                        continue
+                targets.append((eid, cmd_id))
+        if not targets:
+            return
+        # Latest first: an engine learns of the queued ones before the running one ends,
+        # so none of them starts in between.
+        targets.sort(key=lambda t: _seq_of(t[1]), reverse=True)
+        pipe = self.r.pipeline(transaction=False)
+        for eid, cmd_id in targets:
+            ctl = self.schema.ctl(eid)
+            pipe.xadd(ctl, self._signed({"op": "interrupt", "id": cmd_id,
+                                         "client": self.client_id}, ctl),
+                      maxlen=100, approximate=True)
+        with translate_errors("abort"):
+            pipe.execute()
 
     # ------------------------------------------------------- answered from Redis
     def queue_status(self, targets: Targets = "all", block: bool = True,
@@ -640,14 +691,33 @@ class Client:
                   timeout=None)
 
     # -------------------------------------------------------------------- waiting
-    def barrier(self, *pending: Future | Iterable[Future], timeout: float | None = None) -> None:
+    def wait(self, pending: Future | Iterable[Future], timeout: float | None = None,
+             progress: bool = False) -> bool:
+        """Wait until the given pending results are done (failed ones count as done); True
+        if they all are within ``timeout``. ``progress=True`` shows a progress bar with what
+        each engine is doing, in a terminal or in Jupyter."""
+        futures = _flatten([pending])
+        if progress:
+            return wait_with_progress(futures, timeout=timeout, client=self, what="waiting")
+        return not futures_wait(futures, timeout=timeout).not_done
+
+    def barrier(self, *pending: Future | Iterable[Future], timeout: float | None = None,
+                progress: bool = False) -> None:
         """Wait until every given pending result is done.
 
         Raises the first error as soon as one fails (a dead engine does not make the
         barrier wait out its timeout), and ``TimeoutError`` naming how many are unfinished.
+        ``progress=True`` shows a progress bar meanwhile.
         """
         futures = _flatten(pending)
-        done, not_done = futures_wait(futures, timeout=timeout, return_when=FIRST_EXCEPTION)
+        if progress:
+            first_error = threading.Event()
+            for f in futures:
+                f.add_done_callback(lambda f: f.exception() is not None and first_error.set())
+            wait_with_progress(futures, timeout=timeout, client=self, what="barrier",
+                               stop=first_error)
+        done, not_done = futures_wait(futures, timeout=0 if progress else timeout,
+                                      return_when=FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
@@ -657,6 +727,12 @@ class Client:
 
 
 # ------------------------------------------------------------------------ helpers
+def _seq_of(cmd_id: str) -> int:
+    """The client-side sequence number of a command id (``<client>-<n>``)."""
+    tail = cmd_id.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
 def _flatten(items: Iterable[Any]) -> list[Future]:  # type: ignore[type-arg]
     out: list[Future] = []  # type: ignore[type-arg]
     for item in items:

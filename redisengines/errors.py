@@ -165,7 +165,8 @@ class RemoteError(RedisEnginesError):
     _tb_dict: dict[str, Any] | None = None
 
     def __str__(self) -> str:
-        return f"[engine {self.engine_id}] {self.remote_type}: {self.message}"
+        head = f"[engine {self.engine_id}] {self.remote_type}"
+        return f"{head}: {self.message}" if self.message else head
 
     def __reduce__(self) -> Any:
         return (_rebuild_remote, (self.record(),))

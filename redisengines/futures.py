@@ -71,6 +71,8 @@ class PendingResult(Future):  # type: ignore[type-arg]
         self._ran_on: int | None = None  # the engine that took a load-balanced call
         self._store: Any = None  # set by the client: reads large values on demand
         self._canceller: Callable[[PendingResult], bool] | None = None
+        self._client: Client | None = None  # the client that sent it
+        self._on_part: list[Callable[[], None]] = []  # told when an engine answers
 
     @property
     def engine_ids(self) -> list[int]:
@@ -125,6 +127,31 @@ class PendingResult(Future):  # type: ignore[type-arg]
             return self.cancelled()
         return self._canceller(self) if self._canceller is not None else False
 
+    def abort(self) -> None:
+        """Interrupt this command on its engines, queued or running (see
+        :meth:`Client.abort`); wait for the future to learn how it ended."""
+        if self._client is None:
+            raise RuntimeError(f"this {self.op} cannot be aborted (it has no client)")
+        self._client.abort(self)
+
+    def wait_interactive(self, timeout: float | None = None) -> bool:
+        """Wait showing a progress bar (engines done out of targeted, elapsed time, what
+        each engine is doing), in a terminal or in Jupyter; True if it is done."""
+        from .progress import show_progress
+
+        def answered() -> int:
+            with self._lock:
+                return len(self._values) + len(self._errors) if not self.done() \
+                    else len(self.cmd_ids)
+
+        def subscribe(wake: Callable[[], None]) -> None:
+            self._on_part.append(wake)
+            self.add_done_callback(lambda _: wake())
+
+        show_progress(len(self.cmd_ids), answered, subscribe, timeout=timeout,
+                      client=self._client, what=self.op)
+        return self.done()
+
     def _cancel_locally(self) -> bool:
         """Enter the cancelled state (the call was dropped before any engine took it).
 
@@ -176,9 +203,11 @@ class PendingResult(Future):  # type: ignore[type-arg]
                 self._errors[engine_id] = value
             self._stdout[engine_id] = stdout
             self._stderr[engine_id] = stderr
-            if len(self._values) + len(self._errors) < len(self.cmd_ids):
-                return
-        self._settle()
+            last = len(self._values) + len(self._errors) == len(self.cmd_ids)
+        for wake in self._on_part:
+            wake()
+        if last:
+            self._settle()
 
     def _settle(self) -> None:
         try:

@@ -20,6 +20,8 @@ key                        type           TTL      what an operator reads there
 ``P:server``               string         none     ``<run id> <ms>``: the server run on
                                                    which a lease was first found lapsed
 ``P:{e<id>}:ns``           hash           none     namespace index: name -> type, size
+``P:{e<id>}:out``          stream, capped result*   output of its commands, and its log
+                                                   (*a TTL once the engine is gone)
 ``P:{e<id>}:done``         stream, capped none     completed commands; entry ``<n>-0``
                                                    is the n-th command
 ``P:{r<cmd>}``             hash           result   a result: status, value or object ref,
@@ -100,6 +102,9 @@ class Keys:
 
     def namespace(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:ns"
+
+    def output(self, engine_id: int) -> str:
+        return f"{self.prefix}:{{e{engine_id}}}:out"
 
     def done(self, engine_id: int) -> str:
         return f"{self.prefix}:{{e{engine_id}}}:done"

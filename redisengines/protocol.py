@@ -24,13 +24,16 @@ actor_del           ``actor``
 Arguments of ``call``, ``actor_new`` and ``actor_call`` may be :class:`FutureRef`: the
 engine replaces each top-level one by the value stored at ``P:{r<cmd_id>}``.
 
-``size`` gives the byte size of a payload for a human reader. Control entries
-(``P:{e<id>}:ctl``) use the same shape with ``op`` = ``kill``.
+``size`` gives the byte size of a payload for a human reader; ``tl`` (any op that runs
+user code) a time limit in seconds. Control entries (``P:{e<id>}:ctl``) use the same shape
+with ``op`` = ``kill`` (stop the engine) or ``interrupt`` (``id`` names the command to
+interrupt, running or still queued).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,3 +127,13 @@ def entry(op: str, cmd_id: str, client: str, **extra: Any) -> dict[str, Any]:
 
 def _show(key: bytes) -> str:
     return key.decode("utf-8", "replace")[:40]
+
+
+def limit_field(time_limit: float | None) -> dict[str, str]:
+    """The ``tl`` field of a command with a time limit (seconds), checked; {} without."""
+    if time_limit is None:
+        return {}
+    if isinstance(time_limit, bool) or not isinstance(time_limit, (int, float)) \
+            or not math.isfinite(time_limit) or time_limit <= 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, not {time_limit!r}")
+    return {"tl": repr(float(time_limit))}

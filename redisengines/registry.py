@@ -24,7 +24,8 @@ def retire(r: redis.Redis, keys: Keys, engine_id: int, mode: str, settings: Sett
     return int(scripts.retire(
         keys=[keys.engines, keys.events, keys.inbox(engine_id), keys.heartbeat(engine_id),
               keys.ctl(engine_id), keys.tasks, keys.fenced(engine_id), keys.server,
-              keys.dead, keys.namespace(engine_id), keys.done(engine_id)],
+              keys.dead, keys.output(engine_id), keys.namespace(engine_id),
+              keys.done(engine_id)],
         args=[engine_id, mode, keys.prefix, int(settings.result_ttl * 1000),
               int(restart_grace(settings) * 1000)]))
 

@@ -29,7 +29,8 @@ import cloudpickle
 from .connection import translate_errors
 from .errors import ActorDiedError, QueueFullError, SerializationError, system_record
 from .futures import PendingResult
-from .protocol import FutureRef, entry
+from .keys import ENGINE_GROUP
+from .protocol import FutureRef, entry, limit_field
 from .serialization import Serialized
 
 if TYPE_CHECKING:
@@ -47,10 +48,13 @@ ANY_ENGINE = -1
 class CallOptions:
     """Per-call options: ``engine`` (run there instead of load-balancing), ``timeout`` (seconds
     the call may wait, for its arguments and in the queue, before it starts; then it fails
-    with TimeoutError), ``max_retries`` (re-queues if its engine dies), ``name`` (actors)."""
+    with TimeoutError), ``time_limit`` (seconds it may run; then it is interrupted on its
+    engine and fails with TimeLimitExceeded), ``max_retries`` (re-queues if its engine
+    dies), ``name`` (actors)."""
 
     engine: int | None = None
     timeout: float | None = None
+    time_limit: float | None = None
     max_retries: int | None = None
     name: str | None = None
 
@@ -182,6 +186,18 @@ class Dispatcher:
         self._drop(pending, error)
         return True
 
+    def running_on(self, pending: PendingResult) -> int | None:
+        """The engine that took a load-balanced call from ``P:tasks`` and has not finished
+        it, else None (queued, pinned to its lane, or done)."""
+        with self._lock:
+            call = self._calls.get(id(pending))
+            sent = call.sent if call is not None else None
+        if sent is None or sent[0] != self.client.schema.tasks:
+            return None
+        held = self.client.r.xpending_range(sent[0], ENGINE_GROUP, sent[1], sent[1], 1)
+        consumer = held[0]["consumer"].decode() if held else ""
+        return int(consumer[1:]) if consumer[1:].isdigit() else None
+
     @staticmethod
     def _drop(pending: PendingResult, error: BaseException | None) -> None:
         if error is None:
@@ -272,12 +288,14 @@ class RemoteFunction(Generic[R]):
                         "use .remote(...)")
 
     def options(self, *, engine: int | None = None, timeout: float | None = None,
-                max_retries: int | None = None, client: Client | None = None
-                ) -> RemoteFunction[R]:
-        """A copy with these options for its calls (engine, timeout, max_retries)."""
+                time_limit: float | None = None, max_retries: int | None = None,
+                client: Client | None = None) -> RemoteFunction[R]:
+        """A copy with these options for its calls (engine, timeout, time_limit,
+        max_retries)."""
+        limit_field(time_limit)  # checked now, not at the first call
         opts = dataclasses.replace(self._options, **{k: v for k, v in (
-            ("engine", engine), ("timeout", timeout), ("max_retries", max_retries))
-            if v is not None})
+            ("engine", engine), ("timeout", timeout), ("time_limit", time_limit),
+            ("max_retries", max_retries)) if v is not None})
         twin: RemoteFunction[R] = RemoteFunction(self._fn, opts, client or self._client)
         twin._pickled = self._pickled
         return twin
@@ -297,7 +315,8 @@ class RemoteFunction(Generic[R]):
         name = _name(self._fn)
         return _call(client, "call", target=opts.engine, lane=None,
                      payload=(self._pickled.digest, self._pickled.blob, args, kwargs),
-                     what=f"call of {name}", fields={"fn": name, "retries": retries},
+                     what=f"call of {name}",
+                     fields={"fn": name, "retries": retries, **limit_field(opts.time_limit)},
                      deps=deps + kdeps, timeout=opts.timeout)
 
 
@@ -410,13 +429,18 @@ class ActorHandle:
 class ActorMethod:
     """``handle.method``; ``.remote(*args, **kwargs)`` returns a future of its return value."""
 
-    def __init__(self, handle: ActorHandle, method: str, timeout: float | None = None) -> None:
+    def __init__(self, handle: ActorHandle, method: str, timeout: float | None = None,
+                 time_limit: float | None = None) -> None:
         self._handle = handle
         self._method = method
         self._timeout = timeout
+        self._limit = limit_field(time_limit)
 
-    def options(self, *, timeout: float | None = None) -> ActorMethod:
-        return ActorMethod(self._handle, self._method, timeout)
+    def options(self, *, timeout: float | None = None,
+                time_limit: float | None = None) -> ActorMethod:
+        """A copy whose calls wait at most ``timeout`` s to start and run at most
+        ``time_limit`` s (then TimeLimitExceeded; the actor lives on)."""
+        return ActorMethod(self._handle, self._method, timeout, time_limit)
 
     def remote(self, /, *args: Any, **kwargs: Any) -> PendingResult:
         h = self._handle
@@ -431,7 +455,7 @@ class ActorMethod:
         kw, kdeps = _references(kwargs)
         return _call(client, "actor_call", target=h.engine_id, lane=h.actor_id,
                      payload=(a, kw), what=f"call of {h.cls_name}.{self._method}",
-                     fields={"actor": h.actor_id, "method": self._method},
+                     fields={"actor": h.actor_id, "method": self._method, **self._limit},
                      deps=deps + kdeps, timeout=self._timeout, actor=h)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

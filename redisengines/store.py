@@ -56,6 +56,13 @@ class ObjectStore:
         self.scripts = scripts
 
     # ----------------------------------------------------------------- whole values
+
+    def close(self) -> None:
+        """Close the connections of page writes (the main connection is the owner's)."""
+        if self._bulk is not None:
+            self._bulk.close()
+            self._bulk.connection_pool.disconnect()
+            self._bulk = None
     def encode(self, obj: Any, *, what: str = "object", refs: int | None = None) -> dict[str, Any]:
         """Serialize ``obj``, check its size, and return the message fields that carry it."""
         ser = serialize(obj, what=what)

@@ -1,7 +1,8 @@
 -- retire: take an engine out of service and settle every command it still holds.
 -- KEYS[1] P:engines   KEYS[2] P:events   KEYS[3] P:{e<id>}:inbox   KEYS[4] P:{e<id>}:hb
 -- KEYS[5] P:{e<id>}:ctl   KEYS[6] P:tasks   KEYS[7] P:{e<id>}:fenced   KEYS[8] P:server
--- KEYS[9] P:dead   KEYS[10..] other per-engine keys to delete
+-- KEYS[9] P:dead   KEYS[10] P:{e<id>}:out (kept for a post-mortem, with a TTL)
+-- KEYS[11..] other per-engine keys to delete
 -- ARGV[1] engine id   ARGV[2] mode: 'reap' (only if the lease expired), 'kill', 'shutdown'
 -- ARGV[3] prefix P (result and reply keys are named after the entries' own fields)
 -- ARGV[4] result TTL (ms)   ARGV[5] grace after a server restart (ms)
@@ -131,7 +132,8 @@ for _, entry in ipairs(redis.call('XRANGE', KEYS[5], '-', '+')) do
   if f['op'] == 'kill' then notify(f, 'ok', 'op', 'kill') end
 end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
-for i = 10, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('PEXPIRE', KEYS[10], ARGV[4])
+for i = 11, #KEYS do redis.call('DEL', KEYS[i]) end
 -- The decision: from now on the engine's own writes (complete, heartbeat) are refused.
 redis.call('SET', KEYS[7], mode, 'PX', ARGV[4])
 pcall(redis.call, 'XGROUP', 'DELCONSUMER', KEYS[6], 'engine', 'e' .. id)

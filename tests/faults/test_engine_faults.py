@@ -545,8 +545,11 @@ def test_fault_11_client_killed_with_results_pending(make_cluster, r, cluster_na
     the keys they made expire (the cluster's keys are back to what they were)."""
     cluster = make_cluster(2, result_ttl=2.5, **FAST)
     client = cluster.client()
-    client.execute("pass")  # every engine has its history stream: part of the baseline
+    # every engine has its history and output streams: part of the baseline
+    client.execute("print('baseline')")
     prefix = f"re:{cluster_name}:"
+    wait_until(lambda: r.exists(*(f"{prefix}{{e{e}}}:out" for e in (0, 1))) == 2,
+               what="the engines' output streams")
 
     def keys() -> set[bytes]:
         return set(r.scan_iter(match=prefix + "*", count=1000))
