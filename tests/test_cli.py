@@ -20,6 +20,8 @@ from redisengines.cli import app
 from redisengines.keys import Keys
 from redisengines.server import free_port
 
+from .helpers import wait_until
+
 SCRIPT = str(Path(sys.executable).with_name("redisengines"))
 runner = CliRunner()  # stdout and stderr are captured apart: result.stdout, result.stderr
 
@@ -43,21 +45,25 @@ def dead_pid() -> int:
 
 # ----------------------------------------------------------------------------- status
 def test_status_json_lists_engines_and_queue_depth(cluster: redisengines.Cluster,
-                                                   client: redisengines.Client,
+                                                   client: redisengines.Client, gates,
                                                    server_url: str, cluster_name: str) -> None:
-    busy = client.execute("import time; time.sleep(1)", targets=0, block=False)
+    gate = gates()
+    busy = gate.hold(client, 0)
     queued = client.execute("b = 1", targets=0, block=False)
-    result = runner.invoke(app, ["status", "--url", server_url, "--cluster", cluster_name,
-                                 "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = wait_until(lambda: (lambda d: d if d["engines"][0]["queued"] == 1 else None)(
+        json.loads(runner.invoke(app, ["status", "--url", server_url, "--cluster",
+                                       cluster_name, "--json"]).stdout)),
+        what="one command queued behind the running one")
     assert data["cluster"] == cluster_name and data["url"] == server_url
     engines = {e["id"]: e for e in data["engines"]}
     assert sorted(engines) == [0, 1]
     assert {e["pid"] for e in engines.values()} == {p.pid for p in cluster.processes.values()}
-    assert engines[0]["queued"] == 2 and engines[1]["queued"] == 0  # running + queued
+    # queued: accepted, not started (as queue_status says); inbox: XLEN, running included
+    assert (engines[0]["queued"], engines[0]["inbox"], engines[0]["pending"]) == (1, 2, 1)
+    assert engines[1]["queued"] == 0
     assert all(e["state"] in ("idle", "busy") and e["host"] and e["alive"]
                for e in engines.values())
+    gate.open()
     client.barrier(busy, queued, timeout=30)
 
 
