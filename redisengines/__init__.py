@@ -74,6 +74,20 @@ def connect(url: str | None = None, cluster: str | None = None, **settings: obje
     return Client(s.redis_url, cluster=s.cluster, settings=s)
 
 
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext redisengines``: the ``%px`` magics (IPython is imported only here)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext redisengines``."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 __all__ = [
     "ActorClass",
     "ActorDiedError",
