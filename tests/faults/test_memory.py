@@ -10,7 +10,7 @@ import redisengines
 from ..helpers import wait_until
 
 
-def test_out_of_memory_is_a_clear_error_and_work_resumes(client, r) -> None:
+def test_fault_24_out_of_memory_is_a_clear_error_and_work_resumes(client, r) -> None:
     client.execute("a = 1")
     used = r.info("memory")["used_memory"]
     r.config_set("maxmemory", used + 256 * 1024)
@@ -28,7 +28,7 @@ def test_out_of_memory_is_a_clear_error_and_work_resumes(client, r) -> None:
     assert "big" not in client.keys(targets=0)
 
 
-def test_engine_keeps_a_result_until_memory_is_freed(client, r) -> None:
+def test_fault_24_engine_keeps_a_result_until_memory_is_freed(client, r) -> None:
     """The engine cannot store its result at maxmemory: it keeps it and retries; no loss."""
     f = client.execute("import time; time.sleep(0.3); print('done')", targets=0, block=False)
     wait_until(lambda: client.queue_status(targets=0)["running"] == 1, what="engine 0 busy")

@@ -176,8 +176,8 @@ def _ping(url: str) -> bool:
         return False
 
 
-def test_engines_in_network_namespaces_and_a_cut_link(netns_available: None, tmp_path: Path,
-                                                        cluster_name: str) -> None:
+def test_fault_27_engines_in_network_namespaces_and_a_cut_link(
+        netns_available: None, tmp_path: Path, cluster_name: str) -> None:
     port = free_port()
     net = Network()
     with contextlib.ExitStack() as stack:

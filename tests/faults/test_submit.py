@@ -8,7 +8,7 @@ import redisengines
 from redisengines.protocol import entry
 
 
-def test_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> None:
+def test_fault_19_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> None:
     inbox = f"re:{cluster_name}:{{e0}}:inbox"
     client.execute("n = 0", targets=0)
     cmd_id = client._new_id()
@@ -20,7 +20,7 @@ def test_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> N
     assert r.hget(f"re:{cluster_name}:{{r{cmd_id}}}", "status") == b"ok"
 
 
-def test_full_inbox_raises_queue_full_and_loses_nothing(make_cluster, gates) -> None:
+def test_fault_40_full_inbox_raises_queue_full_and_loses_nothing(make_cluster, gates) -> None:
     cluster = make_cluster(2, max_queue=3)
     client = cluster.client()
     gate = gates()
