@@ -129,6 +129,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._dispatcher.close()
         self._listener.close()
         try:
             self.r.delete(self.schema.replies(self.client_id))

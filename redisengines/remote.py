@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import threading
 import uuid
 from concurrent.futures import CancelledError, InvalidStateError
@@ -26,17 +27,25 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
 
-from .connection import translate_errors
-from .errors import ActorDiedError, QueueFullError, SerializationError, system_record
+from .connection import BLOCK_SECONDS, translate_errors
+from .errors import (
+    ActorDiedError,
+    QueueFullError,
+    RedisEnginesError,
+    SerializationError,
+    system_record,
+)
 from .futures import PendingResult
 from .keys import ENGINE_GROUP
 from .protocol import FutureRef, entry, limit_field
 from .serialization import Serialized
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .coordinator import Client
 
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 # Re-queues of a load-balanced call whose engine died (Ray's default); actors: none.
 DEFAULT_MAX_RETRIES = 3
@@ -81,32 +90,61 @@ class _Call:
     fields: dict[str, Any]
     deps: list[PendingResult]
     sent: tuple[str, str] | None = None  # (stream, entry id) once sent
-    timer: threading.Timer | None = None
     actor: ActorHandle | None = None  # an actor call: fails if the actor failed to start
 
 
 class Dispatcher:
-    """Sends a client's calls: each once its future arguments are done, in order per lane."""
+    """Sends a client's calls: each once its future arguments are done, in order per lane.
+
+    A call whose arguments are ready goes to the outbox; a sender thread sends what the
+    outbox holds in one pipeline (``submit.lua`` per call, one round trip per batch), so a
+    burst of ``.remote()`` calls costs the caller no round trip each. Lanes stay in order:
+    one thread sends, batch after batch, each in order.
+    """
+
+    BATCH_MAX = 1000  # calls per pipeline
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self._lock = threading.Lock()
         self._lanes: dict[str, collections.deque[_Call]] = {}
         self._calls: dict[int, _Call] = {}  # id(pending) -> call, until it is settled
+        self._outbox: collections.deque[_Call] = collections.deque()
+        self._wake = threading.Event()
+        self._flight: threading.Event | None = None  # set once the batch in flight is sent
+        self._sender: threading.Thread | None = None
+        self._closed = False
+        self._timeouts = Watchdog(name=f"re-timeouts-{client.client_id}")
 
     def submit(self, call: _Call, timeout: float | None) -> PendingResult:
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this client is closed")
             self._lanes.setdefault(call.lane, collections.deque()).append(call)
             self._calls[id(call.pending)] = call
         call.pending.add_done_callback(self._settled)
         if timeout is not None:
-            call.timer = threading.Timer(timeout, self._expire, (call, timeout))
-            call.timer.daemon = True
-            call.timer.start()
+            self._timeouts.arm(id(call), timeout, lambda: self._expire(call, timeout))
         for dep in call.deps:
             dep.add_done_callback(lambda _, lane=call.lane: self._pump(lane))
         self._pump(call.lane)
         return call.pending
+
+    def close(self) -> None:
+        """Stop sending; calls not sent yet fail (nothing would ever send them)."""
+        with self._lock:
+            self._closed = True
+            unsent = list(self._outbox) + [c for q in self._lanes.values() for c in q]
+            self._outbox.clear()
+            self._lanes.clear()
+        self._wake.set()
+        if self._sender is not None and self._sender is not threading.current_thread():
+            self._sender.join(timeout=5)
+        self._timeouts.stop()
+        for call in unsent:
+            self._drop(call.pending, RedisEnginesError(
+                f"the client was closed before {call.pending.op} {_cmd_id(call.pending)} "
+                "was sent"))
 
     def _pump(self, lane: str) -> None:
         # Futures are settled after the lock is released: their callbacks take it too.
@@ -121,38 +159,72 @@ class Dispatcher:
                 if error is not None:
                     failures.append((call.pending, error))
                     continue
-                try:
-                    self._send(call)
-                except BaseException as exc:  # noqa: B036 - the future must settle
-                    failures.append((call.pending, exc))
+                self._outbox.append(call)
             if queue is not None and not queue:
                 del self._lanes[lane]
+            if self._outbox:
+                self._start_sender()
+                self._wake.set()
         for pending, exc in failures:
             pending.set_exception(exc)
 
-    def _send(self, call: _Call) -> None:
+    def _start_sender(self) -> None:  # (under the lock)
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                            name=f"re-sender-{self.client.client_id}")
+            self._sender.start()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            with self._lock:
+                self._wake.clear()
+                batch = [self._outbox.popleft()
+                         for _ in range(min(len(self._outbox), self.BATCH_MAX))]
+                if self._outbox:
+                    self._wake.set()  # more than one batch's worth: go on at once
+                if not batch:
+                    if self._closed:
+                        return
+                    continue
+                flight = self._flight = threading.Event()
+            try:
+                self._send(batch)
+            except BaseException:  # noqa: B036 - never leave the sender dead
+                log.exception("sending %d calls failed", len(batch))
+            finally:
+                flight.set()
+
+    def _send(self, batch: list[_Call]) -> None:
+        """Send ``batch`` in one pipeline; what cannot be sent fails its future."""
         client = self.client
-        cmd_id = _cmd_id(call.pending)
-        client._listener.expect(cmd_id, call.pending, _route_engine(call))
+        ids = [_cmd_id(call.pending) for call in batch]
+        for call, cmd_id in zip(batch, ids, strict=True):
+            client._listener.expect(cmd_id, call.pending, _route_engine(call))
         try:
-            with translate_errors(call.pending.op):
-                (entry_id,) = client._enqueue([(call.stream, cmd_id, call.fields)])
-        except BaseException:
-            client._listener.forget([cmd_id])
-            raise
-        client._listener.acknowledged([cmd_id])
-        if entry_id is None:
-            client._listener.forget([cmd_id])
-            raise QueueFullError(f"{call.stream} holds {client.settings.max_queue} commands "
-                                 f"(REDISENGINES_MAX_QUEUE); {call.pending.op} was not queued")
-        call.sent = (call.stream, entry_id)
+            with translate_errors(batch[0].pending.op):
+                entry_ids = client._enqueue([(call.stream, cmd_id, call.fields)
+                                             for call, cmd_id in zip(batch, ids, strict=True)])
+        except BaseException as exc:  # noqa: B036 - every future must settle
+            client._listener.forget(ids)
+            for call in batch:
+                self._drop(call.pending, exc)
+            return
+        client._listener.acknowledged(ids)
+        for call, cmd_id, entry_id in zip(batch, ids, entry_ids, strict=True):
+            if entry_id is None:
+                client._listener.forget([cmd_id])
+                self._drop(call.pending, QueueFullError(
+                    f"{call.stream} holds {client.settings.max_queue} commands "
+                    f"(REDISENGINES_MAX_QUEUE); {call.pending.op} was not queued"))
+            else:
+                call.sent = (call.stream, entry_id)
 
     def _settled(self, pending: PendingResult) -> None:
         with self._lock:
             call = self._calls.pop(id(pending), None)
         if call is not None:
-            if call.timer is not None:
-                call.timer.cancel()
+            self._timeouts.disarm(id(call))
             call.deps.clear()  # argument values are no longer needed by this call
 
     def cancel(self, pending: PendingResult, error: BaseException | None = None) -> bool:
@@ -165,10 +237,16 @@ class Dispatcher:
             unsent = call.sent is None and queue is not None and call in queue
             if unsent:
                 queue.remove(call)  # type: ignore[union-attr]
+            elif call.sent is None and call in self._outbox:
+                self._outbox.remove(call)
+                unsent = True
+            flight = self._flight if call.sent is None and not unsent else None
         if unsent:
             self._drop(pending, error)
             self._pump(call.lane)  # the calls behind it in its lane may go now
             return True
+        if flight is not None:  # being sent: once it is queued in Redis, drop it there
+            flight.wait(BLOCK_SECONDS)
         if call.sent is None:
             return False
         stream, entry_id = call.sent
@@ -208,7 +286,7 @@ class Dispatcher:
             except InvalidStateError:
                 pass
 
-    def _expire(self, call: _Call, timeout: float) -> None:
+    def _expire(self, call: _Call, timeout: float) -> None:  # (the watchdog's thread)
         self.cancel(call.pending, TimeoutError(
             f"{call.pending.op} {_cmd_id(call.pending)} did not start within {timeout} s"))
 

@@ -74,6 +74,12 @@ def submit_held(ex: Executor, gate: Gate, url: str, value: object = "held") -> P
     return future
 
 
+def sent(client: Client, f: PendingResult) -> bool:
+    """The call is in Redis: ``.remote()``/``submit`` return before the sender sent it."""
+    call = client._dispatcher._calls.get(id(f))
+    return call is not None and call.sent is not None
+
+
 def hold_all(client: Client, gates: Callable[[], Gate]) -> list[Gate]:
     """Keep every engine busy, so load-balanced calls stay queued (and cancellable)."""
     made = []
@@ -160,6 +166,7 @@ def test_max_retries_reaches_the_calls(client: Client, r: redis.Redis, gates) ->
     for ex, expected in ((Executor(client, max_retries=0), b"0"),
                          (Executor(client), b"%d" % DEFAULT_MAX_RETRIES)):
         f = ex.submit(square, 2)
+        wait_until(lambda f=f: sent(client, f), what="the call in P:tasks")  # (sent async)
         (_, fields), = r.xrevrange(client.schema.tasks, count=1)
         assert fields[b"retries"] == expected
         ex.shutdown(cancel_futures=True)
@@ -182,7 +189,8 @@ def test_map_keeps_order_when_items_finish_out_of_order(client: Client, r: redis
 def test_map_submits_everything_at_once(client: Client, r: redis.Redis, gates) -> None:
     gates_held = hold_all(client, gates)
     out = Executor(client).map(square, range(3))
-    assert r.xlen(client.schema.tasks) == 3  # queued before the first result is asked for
+    # queued before the first result is asked for (by the client's sender thread)
+    wait_until(lambda: r.xlen(client.schema.tasks) == 3, what="3 calls in P:tasks")
     for gate in gates_held:
         gate.open()
     assert list(out) == [0, 1, 4]
