@@ -40,19 +40,26 @@ from typing import IO, Any
 import redis
 
 import redisengines
+from benchmarks.common import (
+    ENGINES,
+    MB,
+    WAIT_TIMEOUT,
+    fmt,
+    make_array,
+    progress,
+    sample,
+    timed,
+)
 from redisengines.launcher import set_parent_death_signal
 from redisengines.server import EmbeddedServer
 
 ROOT = Path(__file__).resolve().parents[1]
-MB = 10**6
 PAGE_SIZE = 4 * 2**20  # the raw baseline's page: the library's default page size (4 MiB)
 # The raw GET reads this many pages per pipeline: one pipeline of all 25 pages holds 100 MB
 # of replies at once and measured slower here (~210-270 ms vs ~140 ms per 100 MB).
 GET_BATCH = 8
-ENGINES = 2
 GROUP = "g"
 RQ_FUNC = "benchmarks.bench_core.noop"
-WAIT_TIMEOUT = 300.0  # seconds; only reached when something is broken
 
 
 def noop(*args: Any, **kwargs: Any) -> None:
@@ -148,56 +155,22 @@ class Report:
             print(text)
 
 
-def fmt(value: float, unit: str) -> str:
-    if unit == "s":
-        if value < 1e-3:
-            return f"{value * 1e6:.0f} µs"
-        if value < 1.0:
-            return f"{value * 1e3:.2f} ms"
-        return f"{value:.3f} s"
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "calls/s":
-        return f"{value:,.0f}/s"
-    return f"{value:.3f} {unit}"
-
-
 def p90(samples: list[float]) -> float:
     if len(samples) < 2:
         return samples[0]
     return statistics.quantiles(samples, n=10)[8]
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# -------------------------------------------------------------------------- timing
-def sample(fn: Callable[[], Any], n: int, warmup: int) -> list[float]:
-    """Round-trip times of ``n`` calls of ``fn`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 # ------------------------------------------------------------------------ processes
-def start_process(args: list[str]) -> subprocess.Popen[bytes]:
-    """A helper process in the repository root, killed by the kernel if we die (Linux)."""
+def start_process(args: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """A helper process in the repository root, killed by the kernel if we die (Linux).
+
+    The repository root is on its PYTHONPATH, and so on that of the processes it starts.
+    ``popen``: more arguments for ``subprocess.Popen`` (``stdout=subprocess.PIPE``)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                            start_new_session=True, preexec_fn=set_parent_death_signal)
+                            start_new_session=True, preexec_fn=set_parent_death_signal, **popen)
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
@@ -322,11 +295,6 @@ def throughput(report: Report, transport: str, client: redisengines.Client,
 
 
 # ------------------------------------------------------------------------- bandwidth
-def make_array(nbytes: int) -> Any:
-    import numpy as np
-    return np.random.default_rng(0).random(nbytes // 8)
-
-
 def engine_bandwidth(client: redisengines.Client, ids: list[int], arr: Any,
                      runs: int) -> dict[str, list[float]]:
     """Seconds per push to one engine, pull from it, and push to all ``ids`` at once."""
@@ -349,11 +317,12 @@ def engine_bandwidth(client: redisengines.Client, ids: list[int], arr: Any,
     return out
 
 
-def raw_paged(url: str, arr: Any, runs: int) -> dict[str, list[float]]:
+def raw_paged(url: str, arr: Any, runs: int, **redis_kwargs: Any) -> dict[str, list[float]]:
     """Seconds per paged SET and GET of ``arr`` with raw redis-py.
 
     SET: every page in one pipeline; GET: pipelines of GET_BATCH pages, each page copied
     into one preallocated buffer (what a reader that rebuilds the array must do).
+    ``redis_kwargs`` go to ``redis.Redis.from_url`` (``command_packer=...``).
     """
     import numpy as np
     view = memoryview(arr).cast("B")
@@ -361,7 +330,7 @@ def raw_paged(url: str, arr: Any, runs: int) -> dict[str, list[float]]:
     tag = uuid.uuid4().hex[:8]
     keys = [f"bench:{{raw{tag}}}:{i}" for i in range(len(offsets))]
     out: dict[str, list[float]] = {"set": [], "get": []}
-    with redis.Redis.from_url(url) as r:
+    with redis.Redis.from_url(url, **redis_kwargs) as r:
         def put() -> None:
             pipe = r.pipeline(transaction=False)
             for key, off in zip(keys, offsets, strict=True):

@@ -84,3 +84,67 @@ def test_quick_remote_benchmark_writes_every_figure(tmp_path: Path) -> None:
     expected = REMOTE_EXPECTED + (REMOTE_RQ_FIGURES if rq_installed() else [])
     assert not [n for n in expected if n not in figures], f"missing: {set(expected) - set(figures)}"
     assert "Throughput over unix" in stdout
+
+
+# ------------------------------------------------------------ python -m benchmarks (runner)
+RUNNER_EXPECTED = {
+    "W1": [f"{m}.{t}" for t in ("tcp", "unix")
+           for m in ("execute", "apply", "actor", "function", "ping", "pingpong")],
+    "W2": [f"{m}.{t}" for t in ("tcp", "unix") for m in ("function", "actor", "xadd")],
+    "W3": [f"{m}.{t}" for t in ("tcp", "unix")
+           for m in ("push", "pull", "push2", "set.python", "get")],
+    "W4": ["scatter_sum"],
+    "W5": ["start", "stop"],
+    "W6": ["wall", "efficiency"],
+    "memory": ["idle.server", "idle.engines", "idle.client", "idle.total",
+               "pending.tracemalloc", "pending.rss", "soak.before", "soak.after",
+               "soak.growth.server", "soak.growth.engines", "soak.growth.client"],
+}
+
+
+def run_runner(tmp_path: Path, *args: str, timeout: float) -> tuple[str, list[dict]]:
+    """``python -m benchmarks --quick --json ... *args``: its stdout and JSON records, each
+    checked to carry its fields and the machine's."""
+    out = tmp_path / "figures.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in records:
+        assert {"workload", "system", "metric", "label", "unit", "n", "machine"} <= set(r), r
+        assert {"cpus", "python", "valkey"} <= set(r["machine"]), r
+        if r["system"] in ("redisengines", "redis-py"):
+            assert "error" not in r, r
+            assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), r
+            if not r["metric"].startswith(("soak.growth", "pending.rss")):  # may be <= 0
+                assert r["value"] > 0, r
+    return proc.stdout + proc.stderr, records
+
+
+@pytest.mark.timeout(300)
+def test_runner_quick_runs_every_workload(tmp_path: Path) -> None:
+    peers = "rq" if rq_installed() else "none"
+    md, png = tmp_path / "table.md", tmp_path / "plot.png"
+    output, records = run_runner(tmp_path, "--peers", peers, "--markdown", str(md),
+                                 "--plot", str(png), timeout=280)
+    ours = {(r["workload"], r["metric"]) for r in records if r["system"] != peers}
+    missing = [(w, m) for w, metrics in RUNNER_EXPECTED.items() for m in metrics
+               if (w, m) not in ours]
+    assert not missing, missing
+    if rq_installed():  # the rq adapter: every workload it has an equivalent for, none failed
+        got = {(r["workload"], r["metric"]) for r in records if r["system"] == "rq"}
+        assert {("W1", "enqueue"), ("W2", "enqueue"), ("W5", "start"), ("W6", "efficiency"),
+                ("memory", "idle.total")} <= got
+        assert not [r for r in records if r["system"] == "rq" and "error" in r]
+    table = md.read_text()
+    assert "| system | what | median | p99 | n | ours/this |" in table
+    for title in ("W1 latency", "W3 bandwidth", "Memory: RSS"):
+        assert title in table and title in output
+    assert "Targets:" in table
+    assert png.exists() or "matplotlib is not installed" in output
+
+
+@pytest.mark.timeout(120)
+def test_runner_only_selects_workloads(tmp_path: Path) -> None:
+    _, records = run_runner(tmp_path, "--only", "W5,w1", "--peers", "none", timeout=100)
+    assert {r["workload"] for r in records} == {"W1", "W5"}
