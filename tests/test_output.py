@@ -44,22 +44,19 @@ def test_follow_yields_new_chunks_of_the_engines_asked_for(client, r, cluster_na
     keys = Keys(cluster_name)
     stop = threading.Event()
     got: list[Chunk] = []
-
-    def reader() -> None:
-        for chunk in output.follow(r, keys, [1], stop=stop, block=0.05):
-            got.append(chunk)
-
     client.execute("print('before')", targets=1)  # written before following: not yielded
     wait_until(lambda: r.xlen(keys.output(1)), what="the first chunk")
+    chunks = output.follow(r, keys, [1], stop=stop, block=0.05)  # '$' is resolved here
+
+    def reader() -> None:
+        for chunk in chunks:
+            got.append(chunk)
+
     t = threading.Thread(target=reader)
     t.start()
     try:
-        wait_until(lambda: t.is_alive(), what="the reader")
-        import time
-        time.sleep(0.2)  # the reader resolved '$' and blocks
         client.execute("print('on 0')", targets=0)
-        f = client.execute("print('after')", targets=1, block=False)
-        f.result(WAIT)
+        client.execute("print('after')", targets=1)
         wait_until(lambda: any(c.text == "after\n" for c in got), what="the followed chunk")
     finally:
         stop.set()
