@@ -127,3 +127,51 @@ def test_cluster_key_lets_another_process_join(cluster, monkeypatch) -> None:
     finally:
         other.close()
     assert pickle.loads(pickle.dumps(2)) == 2
+
+
+def _count(url, key):
+    import redis
+    return redis.Redis.from_url(url).incr(key)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle engine", "busy engine"])
+def test_fault_37_replayed_task_is_refused_by_another_engine(make_cluster, r, server_url,
+                                                             gates, busy) -> None:
+    """A load-balanced task replayed into P:tasks after it ran is refused by whichever engine
+    takes it (its result already has a final status): one waiting in its blocking read, or
+    one that takes it right after finishing its previous command."""
+    from ..conftest import FAST
+    from ..helpers import interactive
+
+    cluster = make_cluster(2, **FAST)
+    client = cluster.client()
+    count = redisengines.remote(interactive(_count)).options(client=client)
+    key, tasks = f"test:replay:{busy}", f"re:{cluster.name}:tasks"
+    first = gates()
+    held = first.hold(client, 1)  # engine 0 takes the task; its entry is copied before it runs
+    hold0 = gates()
+    hold0.hold(client, 0)
+    f = count.remote(server_url, key)
+    (_, signed), = wait_until(lambda: r.xrange(tasks), what="the task in P:tasks")
+    hold0.open()
+    assert f.result(timeout=10) == 1
+    ran_on = f.engine_id
+    other = 1 - ran_on
+    blocker = gates()
+    blocker.hold(client, ran_on)  # the replay must go to the other engine
+    first.open()
+    if busy:  # the other engine is running a command when the replay arrives
+        second = gates()
+        second.hold(client, other)
+        r.xadd(tasks, signed)
+        second.open()
+    else:  # the other engine has finished and waits in its blocking read
+        held.result(timeout=10)
+        r.xadd(tasks, signed)
+    done = f"re:{cluster.name}:{{e{other}}}:done"
+    wait_until(lambda: any(e[b"op"] == b"invalid" for _, e in r.xrevrange(done, count=5)),
+               what="the replay to be refused")
+    blocker.open()
+    assert int(r.get(key)) == 1  # it ran once
+    refusal = next(e for _, e in r.xrevrange(done, count=5) if e[b"op"] == b"invalid")
+    assert b"already run" in r.hget(refusal[b"key"], "error")
