@@ -124,6 +124,7 @@ class Engine:
         # Loaded now: a NOSCRIPT for complete.lua would only come back after the
         # blocking read it is pipelined with, stalling the first command by BLOCK_SECONDS.
         self.r.script_load(self.scripts.complete.script)
+        self.r.script_load(self.scripts.take.script)
         log.info("engine %d registered in cluster %r (pid %d)", self.id, self.settings.cluster,
                  os.getpid())
         return self.id
@@ -296,8 +297,13 @@ class Engine:
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
         failures = oom = 0
         # Entries read but not yet run: at most one per stream, because a read asks for one
-        # entry per stream and only happens when this is empty (no greedy prefetch).
-        ready: list[tuple[str, bytes, dict[bytes, bytes] | None]] = []
+        # entry per stream and only happens when this is empty (no greedy prefetch). The
+        # last item: a task's result status when take.lua read it (None: ask Redis).
+        ready: list[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = []
+        # After a command, take.lua reads the next entries without blocking, in the round
+        # trip of its completion; only when it found nothing does the loop block in
+        # XREADGROUP (an idle engine waits there, and wakes at once for a new entry).
+        idle = True
         master = None  # where a sentinel URL's master was (the control thread follows it)
         while True:
             where = master_address(self._loop_r)
@@ -319,7 +325,10 @@ class Engine:
             elif stopping:
                 return
             reading = not stopping and not ready
-            if reading:
+            taking = reading and cursor != "0" and not idle
+            if taking:
+                pipe.evalsha(self.scripts.take.sha, 2, tasks, inbox, consumer, self.keys.prefix)
+            elif reading:
                 pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor, tasks: cursor}, count=1,
                                 block=None if cursor == "0" else block_ms)
             try:
@@ -364,6 +373,10 @@ class Engine:
                 return
             if reading:
                 read = replies[-1]
+                if taking and isinstance(read, NoScriptError):
+                    self.r.script_load(self.scripts.take.script)
+                    idle = True  # (nothing was read: block this time)
+                    continue
                 if isinstance(read, ResponseError):
                     if "NOGROUP" not in str(read):
                         raise read
@@ -374,28 +387,39 @@ class Engine:
                         return
                     self.r.xgroup_create(tasks, ENGINE_GROUP, id="0", mkstream=True)
                     continue
-                # A load-balanced task first: holding it while we run our own command
-                # would keep it from an idle engine.
-                for stream, entries in sorted(read or [], key=lambda s: s[0] != tasks.encode()):
-                    ready += [(stream.decode(), eid, f) for eid, f in entries]
+                if taking:
+                    task, command, status = read
+                    # A load-balanced task first: holding it while we run our own command
+                    # would keep it from an idle engine.
+                    if task:
+                        ready.append((tasks, *_entry(task), status or b""))
+                    if command:
+                        ready.append((inbox, *_entry(command), None))
+                else:
+                    for stream, entries in sorted(read or [],
+                                                  key=lambda s: s[0] != tasks.encode()):
+                        ready += [(stream.decode(), eid, f, None) for eid, f in entries]
+                idle = not ready
                 if not ready:
                     cursor = ">"
                     continue
-            stream, entry_id, fields = ready.pop(0)
+            stream, entry_id, fields, status = ready.pop(0)
             if fields is None:  # deleted while pending (clear_queue cannot do this; be safe)
                 self._loop_r.xack(stream, ENGINE_GROUP, entry_id)
                 continue
-            complete = self._run(stream, entry_id.decode(), fields)
+            complete = self._run(stream, entry_id.decode(), fields, status)
 
-    def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes]) -> list[Any]:
-        """Run one entry; returns the arguments of ``complete.lua``."""
+    def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes],
+             status: bytes | None = None) -> list[Any]:
+        """Run one entry; returns the arguments of ``complete.lua``. ``status``: that of the
+        entry's result if already read (take.lua), else None."""
         self.seq += 1
         started = time.time()
         if self._faults:
             self._faultpoint("after_read")
         try:
             if self.store.signer is not None:
-                self._authenticate(stream, fields)
+                self._authenticate(stream, fields, status)
             cmd = Command.decode(entry_id, fields)
         except (ProtocolError, ValueError) as exc:
             cmd_id, client = identify(fields)
@@ -466,7 +490,8 @@ class Engine:
             self._faultpoint("before_ack")
         return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
 
-    def _authenticate(self, stream: str, fields: dict[bytes, bytes]) -> None:
+    def _authenticate(self, stream: str, fields: dict[bytes, bytes],
+                      status: bytes | None = None) -> None:
         """Refuse (SignatureError) an entry not signed for this stream, or one already run:
         copied from another stream, altered, forged, or replayed."""
         signer = self.store.signer
@@ -475,7 +500,9 @@ class Engine:
         cmd_id = fields.get(b"id", b"").decode("utf-8", "replace")
         replayed = cmd_id in self._seen
         if not replayed and stream == self.keys.tasks:  # another engine may have run it
-            replayed = self.r.hget(self.keys.result(cmd_id), "status") in (b"ok", b"error")
+            if status is None:
+                status = self.r.hget(self.keys.result(cmd_id), "status")
+            replayed = status in (b"ok", b"error")
         if replayed:
             raise SignatureError(f"command {cmd_id} was already run: a replayed entry")
         self._seen[cmd_id] = None
@@ -680,6 +707,12 @@ def parse_faultpoints(spec: str) -> dict[str, str]:
                              f"{FAULT_POINTS} and action in {FAULT_ACTIONS}")
         points[where] = action
     return points
+
+
+def _entry(raw: Any) -> tuple[bytes, dict[bytes, bytes]]:
+    """An entry as take.lua returns it (``[id, [field, value, ...]]``): id and fields."""
+    entry_id, flat = raw
+    return entry_id, dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _drop_signal_frame(exc: BaseException) -> None:

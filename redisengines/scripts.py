@@ -12,7 +12,7 @@ import redis
 from redis.commands.core import Script
 
 NAMES = ("register", "heartbeat", "complete", "retire", "clear_queue", "release_object",
-         "cancel", "submit")
+         "cancel", "submit", "take")
 
 
 def source(name: str) -> str:
@@ -30,6 +30,7 @@ class Scripts:
     release_object: Script
     cancel: Script
     submit: Script
+    take: Script
 
     def __init__(self, r: redis.Redis) -> None:
         self.r = r

@@ -686,6 +686,10 @@ def test_fault_26_script_flush_mid_run_is_transparent(tmp_path, latches) -> None
                             "push": {0: None, 1: None}}, f"after SCRIPT FLUSH: {outcomes}"
         admin.script_flush()  # again, with both engines idle in their blocking reads
         pulled = client.pull("big", targets=[0, 1], block=False)
+        # (an engine reads a new command at once when idle, or right after the command it
+        # was completing: wait until both took theirs, so that none is queued any more)
+        wait_until(lambda: not any(q["queued"] for q in client.queue_status().values()),
+                   what="the pulls taken")
         assert client.clear_queue() == {0: 0, 1: 0}
         assert all(np.array_equal(v, big) for v in pulled.result(DEADLINE).values())
         manifests = [f"re:flush26:{{o{oid}}}" for oid in pulled._objects]
