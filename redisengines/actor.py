@@ -5,7 +5,8 @@ Two threads, two connections:
 * the main thread reads ``P:{e<id>}:inbox`` through the consumer group ``engine``, one
   entry at a time, runs it (user code runs here, so signals reach it), and completes it
   with ``complete.lua`` — result, notice, history and XACK in one atomic step — pipelined
-  with the next blocking read, so an idle engine costs one round trip per command;
+  with ``take.lua``, which reads the next entries without blocking (an engine under load
+  costs one round trip per command); only an idle engine blocks, in XREADGROUP;
 * the control thread renews the heartbeat lease, publishes the engine's state, keeps the
   namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``, ``interrupt``) even
   while the main thread is busy.
