@@ -232,8 +232,7 @@ def _status_view(data: dict[str, Any]) -> RenderableType:
     from rich.table import Table
     from rich.text import Text
 
-    from .overview import size_text
-    from .progress import age_text
+    from .overview import age_text, size_text
 
     clock = time.strftime("%H:%M:%S", time.gmtime(data["time"]))
     title = f"cluster {data['cluster']!r} at {data.get('url') or '?'} · {clock} UTC (Redis time)"
@@ -309,7 +308,7 @@ def logs(engine_id: Annotated[int, typer.Argument(metavar="ENGINE", help="Engine
     _logging(verbose)
     from . import output
     from .keys import Keys
-    from .overview import chunk_lines
+    from .overview import age_text, chunk_lines
 
     settings = _settings(url, cluster)
     keys = Keys(settings.cluster)
@@ -333,7 +332,7 @@ def logs(engine_id: Annotated[int, typer.Argument(metavar="ENGINE", help="Engine
         if state == "dead" or info is None or not alive:
             why = ("is dead" if state == "dead" else "has no lease (dead, not reaped yet)"
                    if info else "is gone (killed or shut down)")
-            left = f"; its output expires in {_age(ttl / 1000)}" if ttl > 0 else ""
+            left = f"; its output expires in {age_text(ttl / 1000)}" if ttl > 0 else ""
             typer.echo(f"engine {engine_id} {why}{left}", err=True)
         chunks = output.read(r, keys, engine_id, count=max(lines, 1))
         last = chunks[-1].entry_id if chunks else "0-0"
@@ -354,12 +353,6 @@ def logs(engine_id: Annotated[int, typer.Argument(metavar="ENGINE", help="Engine
         raise _fail(f"cannot read cluster {settings.cluster!r}: {exc}") from None
     finally:
         r.close()
-
-
-def _age(seconds: float) -> str:
-    from .progress import age_text  # (imports rich)
-
-    return age_text(seconds)
 
 
 CLI_NAMES = ("valkey-cli", "redis-cli")

@@ -24,7 +24,6 @@ import redis
 
 from .keys import ENGINE_GROUP, Keys
 from .output import Chunk
-from .progress import running_for
 
 SCAN_COUNT = 1000  # COUNT of each SCAN for result keys
 SCAN_CALLS = 10  # SCAN calls at most: past that the result count is a lower bound
@@ -35,6 +34,25 @@ def redis_time(reply: Any) -> float:
     """``TIME``'s reply as float seconds."""
     seconds, micros = reply
     return int(seconds) + int(micros) / 1e6
+
+
+def running_for(info: dict[str, Any], clock: float) -> float:
+    """How long a busy engine has run its command, at Redis time ``clock``: what it said
+    at its last heartbeat (``running_for`` at ``beat``) plus the time since."""
+    try:
+        return float(info.get("running_for", 0)) + max(0.0, clock - float(info["beat"]))
+    except (KeyError, TypeError, ValueError):
+        return float(info.get("running_for", 0) or 0)
+
+
+def age_text(seconds: float) -> str:
+    """A short human age: ``3s``, ``2m05s``, ``1h02m``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
 def gather(r: redis.Redis, keys: Keys, *, url: str | None = None,
@@ -61,30 +79,16 @@ def gather(r: redis.Redis, keys: Keys, *, url: str | None = None,
         if isinstance(reply, Exception):
             raise reply
     clock = redis_time(now)
-
-    infos = _registered(registered)
-    second = r.pipeline(transaction=False)
-    for eid in infos:
-        second.xlen(keys.inbox(eid))
-        second.xpending(keys.inbox(eid), ENGINE_GROUP)
-        second.exists(keys.heartbeat(eid))
-    replies = second.execute(raise_on_error=False) if infos else []
-
     held = _by_consumer(tasks_pending)  # load-balanced calls each engine has taken
-    engines = []
-    for i, (eid, info) in enumerate(infos.items()):
-        inbox, pending, lease = replies[3 * i:3 * i + 3]
-        engines.append(_engine_row(eid, info, clock, _int(inbox), _pending_count(pending),
-                                   _int(lease) > 0, held.get(eid, 0)))
-
+    rows = _engine_rows(r, keys, clock, registered, held)
     running = _pending_count(tasks_pending)
     count, capped = _count_results(r, keys, scan, scan_count, scan_calls)
-    live = {e["id"] for e in engines if e["alive"] and e["state"] != "dead"}
+    live = {e["id"] for e in rows if e["alive"] and e["state"] != "dead"}
     return {
         "cluster": keys.cluster,
         "url": url,
         "time": clock,
-        "engines": engines,
+        "engines": rows,
         "tasks": {"length": _int(tasks_len), "running": running,
                   "queued": max(0, _int(tasks_len) - running),
                   "by_engine": {str(k): v for k, v in sorted(held.items())}},
@@ -93,6 +97,33 @@ def gather(r: redis.Redis, keys: Keys, *, url: str | None = None,
         "results": {"count": count, "capped": capped},
         "next_id": _int(next_id),
     }
+
+
+def engines(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """The engine rows of :func:`gather` alone (two round trips): each registered engine's
+    info plus ``alive``, ``queued``, ``running_for`` and ages at the Redis time."""
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(keys.engines)
+    now, registered = pipe.execute()
+    return _engine_rows(r, keys, redis_time(now), registered, {})
+
+
+def _engine_rows(r: redis.Redis, keys: Keys, clock: float, registered: dict[bytes, bytes],
+                 held: dict[int, int]) -> list[dict[str, Any]]:
+    infos = _registered(registered)
+    pipe = r.pipeline(transaction=False)
+    for eid in infos:
+        pipe.xlen(keys.inbox(eid))
+        pipe.xpending(keys.inbox(eid), ENGINE_GROUP)
+        pipe.exists(keys.heartbeat(eid))
+    replies = pipe.execute(raise_on_error=False) if infos else []
+    rows = []
+    for i, (eid, info) in enumerate(infos.items()):
+        inbox, pending, lease = replies[3 * i:3 * i + 3]
+        rows.append(_engine_row(eid, info, clock, _int(inbox), _pending_count(pending),
+                                _int(lease) > 0, held.get(eid, 0)))
+    return rows
 
 
 def _registered(raw: dict[bytes, bytes]) -> dict[int, dict[str, Any]]:

@@ -11,9 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import registry
+from .overview import age_text, engines
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -76,41 +76,20 @@ def show_progress(total: int, done: Callable[[], int],
 
 
 def _engines_line(client: Client) -> str:
-    """``0 busy execute 3s (2 queued) · 1 idle`` for the live engines."""
+    """``0 busy execute 3s (2 queued) · 1 idle`` for the live engines (the rows of
+    ``redisengines status``)."""
     try:
-        rows = registry.status(client.r, client.schema)
-        now = client.r.time()
+        rows = engines(client.r, client.schema)
     except Exception:  # the bar must not break a wait: Redis may be briefly away
         return ""
-    clock = now[0] + now[1] / 1e6
     parts = []
     for row in rows:
-        if not row.get("alive"):
+        if not row["alive"]:
             continue
-        text = f"{row['id']} {row.get('state', '?')}"
-        if row.get("state") == "busy":
-            text += f" {row.get('op', '')} {age_text(running_for(row, clock))}"
-        queued = max(0, int(row.get("queued", 0)) - (1 if row.get("state") == "busy" else 0))
-        if queued:
-            text += f" ({queued} queued)"
+        text = f"{row['id']} {row['state']}"
+        if "running_for" in row:
+            text += f" {row.get('op', '')} {age_text(row['running_for'])}"
+        if row["queued"]:
+            text += f" ({row['queued']} queued)"
         parts.append(text)
     return " · ".join(parts)
-
-
-def running_for(info: dict[str, Any], clock: float) -> float:
-    """How long a busy engine has run its command, at Redis time ``clock``: what it said
-    at its last heartbeat (``running_for`` at ``beat``) plus the time since."""
-    try:
-        return float(info.get("running_for", 0)) + max(0.0, clock - float(info["beat"]))
-    except (KeyError, TypeError, ValueError):
-        return float(info.get("running_for", 0) or 0)
-
-
-def age_text(seconds: float) -> str:
-    """A short human age: ``3s``, ``2m05s``, ``1h02m``."""
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"

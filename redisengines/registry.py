@@ -53,19 +53,6 @@ def engines(r: redis.Redis, keys: Keys) -> dict[int, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
-def status(r: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """Every registered engine's info plus ``queued`` (XLEN of its inbox) and ``alive``
-    (its lease exists); reads only, never reaps."""
-    registered = engines(r, keys)
-    pipe = r.pipeline(transaction=False)
-    for eid in registered:
-        pipe.xlen(keys.inbox(eid))
-        pipe.exists(keys.heartbeat(eid))
-    replies = pipe.execute()
-    return [{**info, "id": eid, "queued": replies[2 * i], "alive": bool(replies[2 * i + 1])}
-            for i, (eid, info) in enumerate(registered.items())]
-
-
 def live_ids(r: redis.Redis, keys: Keys, settings: Settings,
              scripts: Scripts | None = None, reap: bool = True) -> list[int]:
     """Ids of engines that hold a lease; engines whose lease expired are reaped on the way.

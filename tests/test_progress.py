@@ -8,7 +8,8 @@ import time
 import pytest
 
 from redisengines import RemoteError
-from redisengines.progress import _engines_line, age_text, running_for
+from redisengines.overview import age_text, running_for
+from redisengines.progress import _engines_line
 
 from .helpers import WAIT, wait_until
 
