@@ -504,16 +504,23 @@ def run_transport(report: Report, transport: str, cluster: redisengines.Cluster,
     return {"apply": apply, "throughput": thr}
 
 
-def header(server_url: str, sizes: Sizes, quick: bool) -> list[str]:
+def machine(server_url: str, title: str, quick: bool) -> list[str]:
+    """The first two lines of a report: what ran, when, and on what."""
     with redis.Redis.from_url(server_url) as r:
         info = r.info("server")
     server = (f"valkey {info['valkey_version']}" if "valkey_version" in info
               else f"redis {info.get('redis_version', '?')}")
     return [
-        f"redisengines {redisengines.__version__} benchmark ({'quick' if quick else 'full'}), "
+        f"redisengines {redisengines.__version__} {title} ({'quick' if quick else 'full'}), "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')}",
         f"python {platform.python_version()}, redis-py {redis.__version__}, {server}, "
         f"{os.cpu_count()} CPUs, {platform.platform()}",
+    ]
+
+
+def header(server_url: str, sizes: Sizes, quick: bool) -> list[str]:
+    return [
+        *machine(server_url, "benchmark", quick),
         f"sizes: {sizes.samples} latency samples after {sizes.warmup} warm-up, "
         f"{sizes.calls} calls, {sizes.nbytes / MB:g} MB, median of {sizes.runs} runs",
         "tcp = Cluster(n=2, url=<TCP url of an EmbeddedServer>); "

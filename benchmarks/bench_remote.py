@@ -23,15 +23,11 @@ Everything started here is stopped here, also on Ctrl-C. See ``benchmarks/README
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
-
-import redis
 
 import redisengines
 from benchmarks.bench_core import (
@@ -41,6 +37,7 @@ from benchmarks.bench_core import (
     Report,
     apply_throughput,
     drive,
+    machine,
     measure_rq,
     noop,
     sample,
@@ -202,15 +199,8 @@ def peer_rq(report: Report, url: str, sizes: Sizes, ours: dict[str, Figure]) -> 
 
 # ------------------------------------------------------------------------------ main
 def header(server_url: str, sizes: Sizes, quick: bool) -> list[str]:
-    with redis.Redis.from_url(server_url) as r:
-        info = r.info("server")
-    server = (f"valkey {info['valkey_version']}" if "valkey_version" in info
-              else f"redis {info.get('redis_version', '?')}")
     return [
-        f"redisengines {redisengines.__version__} remote-layer benchmark "
-        f"({'quick' if quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"python {platform.python_version()}, redis-py {redis.__version__}, {server}, "
-        f"{os.cpu_count()} CPUs, {platform.platform()}",
+        *machine(server_url, "remote-layer benchmark", quick),
         f"sizes: {sizes.samples} round-trip samples after {sizes.warmup} warm-up, "
         f"{sizes.get_samples} get() samples, {sizes.calls} calls per throughput run, "
         f"median of {sizes.runs} runs",
