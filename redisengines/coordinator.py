@@ -714,7 +714,9 @@ class Client:
         if progress:
             first_error = threading.Event()
             for f in futures:
-                f.add_done_callback(lambda f: f.exception() is not None and first_error.set())
+                f.add_done_callback(
+                    lambda f: not f.cancelled() and f.exception() is not None
+                    and first_error.set())
             wait_with_progress(futures, timeout=timeout, client=self, what="barrier",
                                stop=first_error)
         done, not_done = futures_wait(futures, timeout=0 if progress else timeout,
