@@ -11,7 +11,7 @@ processes get it from ``REDISENGINES_KEY``.
   (already run) or by its age (older than the result TTL).
 * Results and object manifests are signed the same way, bound to their key. The pages of
   an object's pickle stream (what could carry code) are tagged with a keyed BLAKE2b; pages
-  of raw buffers (array data) carry a CRC-32 in the signed manifest, which catches
+  of raw buffers (array data) carry an XXH3 hash in the signed manifest, which catches
   accidents but not a deliberate forger: altering them changes values, never what runs.
 * Records written by Lua scripts (errors of dead engines, cancellations) are not signed:
   they carry JSON only, and a reader never unpickles a field of an unsigned record.

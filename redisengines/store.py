@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import json
 import uuid
-import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import redis
+from xxhash import xxh3_64_intdigest
 
 from .config import Settings
 from .connection import bulk_client
 from .errors import DeserializationError, ObjectIntegrityError, ObjectLostError
 from .keys import Keys
+from .pagereader import MISSING, allocate, read_values
 from .scripts import Scripts
 from .serialization import Serialized, check_size, deserialize, pack, serialize, unpack
 from .signing import MANIFEST, SignatureError, Signer
-
-# Pages fetched per round trip when reading: bounds the memory held twice.
-READ_BATCH = 8
 
 
 def plan_pages(lengths: list[int], page_size: int) -> list[tuple[int, int, int]]:
@@ -63,6 +60,13 @@ class ObjectStore:
             self._bulk.close()
             self._bulk.connection_pool.disconnect()
             self._bulk = None
+
+    def bulk(self) -> redis.Redis:
+        """The client of page reads and writes (its own connections, see ``bulk_client``)."""
+        if self._bulk is None:
+            self._bulk = bulk_client(self.r)
+        return self._bulk
+
     def encode(self, obj: Any, *, what: str = "object", refs: int | None = None) -> dict[str, Any]:
         """Serialize ``obj``, check its size, and return the message fields that carry it."""
         ser = serialize(obj, what=what)
@@ -104,20 +108,18 @@ class ObjectStore:
             "pages": len(pages),
             "size": sum(lengths),
         }
-        # CRC-32 of each page (about 4 GB/s): a swapped, cut or altered page is caught.
-        manifest["crc"] = json.dumps([zlib.crc32(v) for v in views])
+        # XXH3 of each page (tens of GB/s): a swapped, cut or altered page is caught.
+        manifest["xxh3"] = json.dumps([xxh3_64_intdigest(v) for v in views])
         if self.signer is not None:
             # The pickle stream (segment 0) is what could carry code: its pages get a keyed
-            # BLAKE2b, and the manifest is signed. Raw buffers (array data) keep the CRC:
+            # BLAKE2b, and the manifest is signed. Raw buffers (array data) keep the XXH3:
             # altering them changes values, never what runs.
             manifest["mac"] = json.dumps([self.signer.page_tag(v) if seg == 0 else None
                                           for v, (seg, _, _) in zip(views, pages, strict=True)])
             self.signer.sign(manifest, self.keys.manifest(oid), stamp=False, skip=MANIFEST)
         if refs is not None:
             manifest["refs"] = refs
-        if self._bulk is None:
-            self._bulk = bulk_client(self.r)
-        pipe = self._bulk.pipeline(transaction=False)
+        pipe = self.bulk().pipeline(transaction=False)
         for n, view in enumerate(views):
             pipe.set(self.keys.page(oid, n), view, px=ttl_ms)
         mkey = self.keys.manifest(oid)
@@ -139,42 +141,46 @@ class ObjectStore:
             "segments": json.loads(raw[b"segments"]),
             "page_size": int(raw[b"page_size"]),
             "pages": int(raw[b"pages"]),
-            "crc": json.loads(raw[b"crc"]) if b"crc" in raw else None,
+            "xxh3": json.loads(raw[b"xxh3"]) if b"xxh3" in raw else None,
             "mac": json.loads(raw[b"mac"]) if b"mac" in raw else None,
         }
 
     def get_segments(self, oid: str) -> list[Any]:
-        """Read a paged object into one writable buffer per segment."""
+        """Read a paged object into one writable buffer per segment.
+
+        Pages are read with :func:`pagereader.read_values`, straight into the buffers that the
+        object is then rebuilt on: no page exists twice in memory.
+        """
         man = self.manifest(oid)
         lengths: list[int] = man["segments"]
         pages = plan_pages(lengths, man["page_size"])
         if len(pages) != man["pages"]:
             raise ObjectLostError(f"object {oid}: manifest and page plan disagree")
-        crcs: list[int] | None = man["crc"]
+        hashes: list[int] | None = man["xxh3"]
         macs: list[str | None] | None = None
         if self.signer is not None:
             macs = man["mac"]
             if macs is None or len(macs) != len(pages):
                 raise ObjectIntegrityError(f"object {oid}: its manifest carries no page tags")
-        buffers = [bytearray(n) for n in lengths]
+        buffers = [allocate(n) for n in lengths]
         views = [memoryview(b) for b in buffers]
-        for batch_start, batch in _batches(pages, READ_BATCH):
-            pipe = self.r.pipeline(transaction=False)
-            for i in range(len(batch)):
-                pipe.get(self.keys.page(oid, batch_start + i))
-            for i, ((seg, start, end), data) in enumerate(zip(batch, pipe.execute(), strict=True)):
-                n = batch_start + i
-                if data is None:
-                    raise ObjectLostError(f"object {oid}: page {n} is missing (expired or "
-                                          "deleted)")
-                if len(data) != end - start \
-                        or (crcs is not None and zlib.crc32(data) != crcs[n]) \
-                        or (macs is not None and macs[n] is not None
-                            and self.signer.page_tag(data) != macs[n]):
-                    raise ObjectIntegrityError(
-                        f"object {oid}: page {n} does not match the manifest ({len(data)} bytes, "
-                        f"expected {end - start} with its checksum): swapped, cut or altered")
-                views[seg][start:end] = data
+        dests = [views[seg][start:end] for seg, start, end in pages]
+        pool = self.bulk().connection_pool
+        conn = pool.get_connection()
+        try:
+            got = read_values(conn, [self.keys.page(oid, n) for n in range(len(pages))], dests)
+        finally:
+            pool.release(conn)
+        for n, (size, dest) in enumerate(zip(got, dests, strict=True)):
+            if size == MISSING:
+                raise ObjectLostError(f"object {oid}: page {n} is missing (expired or deleted)")
+            if size != dest.nbytes \
+                    or (hashes is not None and xxh3_64_intdigest(dest) != hashes[n]) \
+                    or (macs is not None and macs[n] is not None
+                        and self.signer.page_tag(dest) != macs[n]):
+                raise ObjectIntegrityError(
+                    f"object {oid}: page {n} does not match the manifest ({size} bytes, "
+                    f"expected {dest.nbytes} with its checksum): swapped, cut or altered")
         return [views[0], *buffers[1:]]
 
     def get(self, oid: str, *, what: str = "object") -> Any:
@@ -210,7 +216,3 @@ class ObjectStore:
         pages = (self.keys.page(oid, n) for n in range(man["pages"]))
         self.r.delete(self.keys.manifest(oid), *pages)
 
-
-def _batches(items: list[Any], size: int) -> Iterator[tuple[int, list[Any]]]:
-    for start in range(0, len(items), size):
-        yield start, items[start:start + size]

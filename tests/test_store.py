@@ -1,8 +1,11 @@
-"""Paged objects: page plans (pure), and reading/writing pages (fakeredis: no Lua, no streams)."""
+"""Paged objects: page plans (pure), and reading/writing pages on the session's server."""
 
-import fakeredis
+import uuid
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+import redis
 
 from redisengines.config import Settings
 from redisengines.errors import ObjectIntegrityError, ObjectLostError
@@ -19,10 +22,11 @@ def test_plan_pages_never_straddles_segments() -> None:
 
 
 @pytest.fixture
-def store() -> ObjectStore:
-    r = fakeredis.FakeRedis()
+def store(r: redis.Redis) -> Iterator[ObjectStore]:
     settings = Settings(page_size=4096, inline_max=1024)
-    return ObjectStore(r, Keys("unit"), settings, Scripts(r))
+    store = ObjectStore(r, Keys("u" + uuid.uuid4().hex[:8]), settings, Scripts(r))
+    yield store
+    store.close()
 
 
 def test_small_values_go_inline(store: ObjectStore) -> None:
@@ -35,7 +39,7 @@ def test_large_values_are_paged_and_read_back(store: ObjectStore) -> None:
     arr = np.random.default_rng(0).random(100_000)
     fields = store.encode({"arr": arr, "tag": "t"})
     oid = fields["obj"]
-    pages = store.r.keys(f"re:unit:{{o{oid}}}:*")
+    pages = store.r.keys(f"{store.keys.prefix}:{{o{oid}}}:*")
     assert len(pages) == -(-arr.nbytes // 4096) + 1  # + the pickle stream's page
     back = store.decode({b"obj": oid.encode()})
     assert np.array_equal(back["arr"], arr) and back["tag"] == "t"
