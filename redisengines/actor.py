@@ -2,11 +2,13 @@
 
 Two threads, two connections:
 
-* the main thread reads ``P:{e<id>}:inbox`` through the consumer group ``engine``, one
-  entry at a time, runs it (user code runs here, so signals reach it), and completes it
-  with ``complete.lua`` — result, notice, history and XACK in one atomic step — pipelined
-  with ``take.lua``, which reads the next entries without blocking (an engine under load
-  costs one round trip per command); only an idle engine blocks, in XREADGROUP;
+* the main thread reads ``P:{e<id>}:inbox`` and ``P:tasks`` through the consumer group
+  ``engine``, runs what it read (user code runs here, so signals reach it), and completes
+  it with ``complete.lua`` — result, notice, history and XACK in one atomic step —
+  pipelined with ``take.lua``, which reads the next entries without blocking; only an idle
+  engine blocks, in XREADGROUP. Under a load of short commands it takes several entries
+  per read and sends their completions together (:class:`_Pace`); tasks taken behind a
+  command that turns out slow go back to ``P:tasks`` (``give_back.lua``);
 * the control thread renews the heartbeat lease, publishes the engine's state, keeps the
   namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``, ``interrupt``) even
   while the main thread is busy.
@@ -33,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import redis
@@ -63,6 +65,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SEEN_KEPT = 100_000
 # Notices up to this size carry the whole result; larger ones make the client fetch it.
 _NOTICE_INLINE_MAX = 64 * 1024
+# An engine under load takes as many queued entries per read as it expects to run in
+# TAKE_BUDGET seconds (at most TAKE_MAX), and sends their completions together, at the
+# latest FLUSH_AFTER seconds after the first of them finished.
+TAKE_BUDGET = 0.001
+TAKE_MAX = 32
+FLUSH_AFTER = 0.002
+# A command still running after this long gives the tasks taken behind it back to P:tasks.
+GIVE_BACK_AFTER = 0.02
 
 
 class _Shutdown(BaseException):
@@ -104,6 +114,12 @@ class Engine:
         self._lock = threading.Lock()
         self._interrupt: tuple[str, str] | None = None  # (command id, why) of our own SIGINT
         self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted before they started
+        self._pace = _Pace()
+        # Entries read but not yet run (tasks first), each (stream, entry id, fields, status
+        # of a task's result when take.lua read it, else None). The main thread runs them;
+        # the watchdog may give the tasks back (_give_back). Under _lock.
+        self._ready: deque[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = \
+            deque()
         self._watchdog = Watchdog(name="re-watchdog")
         self._pump = Pump(lambda: connect(settings.redis_url, retries=settings.retries,
                                           pool_size=1, tls=settings.tls))
@@ -294,13 +310,15 @@ class Engine:
         inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
-        complete: list[Any] | None = None
+        # Completions of commands that ran and are not sent yet (complete.lua's arguments),
+        # and when the oldest of them finished.
+        complete: list[list[Any]] = []
+        held_since = 0.0
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
         failures = oom = 0
-        # Entries read but not yet run: at most one per stream, because a read asks for one
-        # entry per stream and only happens when this is empty (no greedy prefetch). The
-        # last item: a task's result status when take.lua read it (None: ask Redis).
-        ready: list[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = []
+        # A read happens only when nothing read is left to run, and takes as many entries
+        # as the pace allows (one after a slow command).
+        ready = self._ready
         # After a command, take.lua reads the next entries without blocking, in the round
         # trip of its completion; only when it found nothing does the loop block in
         # XREADGROUP (an idle engine waits there, and wakes at once for a new entry).
@@ -316,21 +334,46 @@ class Engine:
                     log.warning("engine %d: the master moved to %s:%s; re-reading our pending "
                                 "entries there", self.id, *where)
                     cursor = "0"
-                    ready.clear()
+                    self._forget_ready()
                 master = where
             # still complete what ran, read nothing more
             stopping = self._stopping.is_set() or self._fence.is_set()
-            pipe = self._loop_r.pipeline(transaction=False)
-            if complete is not None:
-                pipe.evalsha(self.scripts.complete.sha, 5, *complete)
-            elif stopping:
+            if ready and not stopping and (not complete or not self._pace.flush_due(
+                    len(complete), held_since)):
+                # Taken entries run back to back; their completions go out together.
+                with self._lock:
+                    if not ready:
+                        continue  # (the watchdog gave them back)
+                    stream, entry_id, fields, status = ready.popleft()
+                    behind = any(e[0] == tasks for e in ready)
+                if fields is None:  # deleted while pending (clear_queue cannot do this)
+                    self._loop_r.xack(stream, ENGINE_GROUP, entry_id)
+                    continue
+                began = time.monotonic()
+                if not complete:
+                    held_since = began
+                if behind:  # if this one is slow, the tasks behind it go to an idle engine
+                    self._watchdog.arm("give_back", GIVE_BACK_AFTER, self._give_back)
+                complete.append(self._run(stream, entry_id.decode(), fields, status))
+                if behind:
+                    self._watchdog.disarm("give_back")
+                self._pace.ran(time.monotonic() - began)
+                continue
+            if not complete and stopping:
+                self._give_back()
                 return
+            pipe = self._loop_r.pipeline(transaction=False)
+            for args in complete:
+                pipe.evalsha(self.scripts.complete.sha, 5, *args)
             reading = not stopping and not ready
             taking = reading and cursor != "0" and not idle
+            count = self._pace.count()
             if taking:
-                pipe.evalsha(self.scripts.take.sha, 2, tasks, inbox, consumer, self.keys.prefix)
+                pipe.evalsha(self.scripts.take.sha, 2, tasks, inbox, consumer, self.keys.prefix,
+                             count, count)
             elif reading:
-                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor, tasks: cursor}, count=1,
+                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor, tasks: cursor},
+                                count=count if cursor == "0" else 1,
                                 block=None if cursor == "0" else block_ms)
             try:
                 replies = pipe.execute(raise_on_error=False)
@@ -344,33 +387,37 @@ class Engine:
                 log.warning("engine %d: Redis unreachable (%s); retry %d", self.id, exc, failures)
                 time.sleep(min(2.0, 0.05 * 2 ** failures))
                 cursor = "0"  # re-read what a lost reply may have delivered to us
-                ready.clear()
+                self._forget_ready()
                 continue
-            if complete is not None:
-                done = replies[0]
-                if isinstance(done, NoScriptError):
+            if complete:
+                done = replies[:len(complete)]
+                if any(isinstance(d, NoScriptError) for d in done):
                     self.r.script_load(self.scripts.complete.script)
                     cursor = "0"  # what the read delivered is re-read from our PEL
-                    ready.clear()
+                    self._forget_ready()
                     continue
-                if isinstance(done, OutOfMemoryError):
-                    # Keep the result and retry: nothing was written, and the lease holds
-                    # (PEXPIRE is allowed at maxmemory).
+                if any(isinstance(d, OutOfMemoryError) for d in done):
+                    # Keep the results and retry: nothing was written, and the lease holds
+                    # (PEXPIRE is allowed at maxmemory). Those that were stored are stored
+                    # again, the same (complete.lua is idempotent).
                     oom += 1
                     if oom == 1:
                         log.warning("engine %d: Redis is out of memory; keeping the result of "
-                                    "%s and retrying until it can be stored", self.id, complete[6])
+                                    "%s and retrying until it can be stored", self.id,
+                                    ", ".join(str(args[6]) for args in complete))
                     time.sleep(min(1.0, 0.05 * 2 ** oom))
                     cursor = "0"
-                    ready.clear()
+                    self._forget_ready()
                     continue
-                if isinstance(done, Exception):
-                    raise done
-                if done == -1:
+                error = next((d for d in done if isinstance(d, Exception)), None)
+                if error is not None:
+                    raise error
+                if -1 in done:
                     self._fenced("complete")
                     return
-                complete, oom = None, 0
+                complete, oom = [], 0
             if stopping:
+                self._give_back()
                 return
             if reading:
                 read = replies[-1]
@@ -388,27 +435,47 @@ class Engine:
                         return
                     self.r.xgroup_create(tasks, ENGINE_GROUP, id="0", mkstream=True)
                     continue
+                got: list[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = []
                 if taking:
-                    task, command, status = read
-                    # A load-balanced task first: holding it while we run our own command
-                    # would keep it from an idle engine.
-                    if task:
-                        ready.append((tasks, *_entry(task), status or b""))
-                    if command:
-                        ready.append((inbox, *_entry(command), None))
+                    taken, commands, statuses = read
+                    # Load-balanced tasks first: holding them while we run our own commands
+                    # would keep them from an idle engine.
+                    got += [(tasks, *_entry(t), status or b"")
+                            for t, status in zip(taken, statuses, strict=True)]
+                    got += [(inbox, *_entry(c), None) for c in commands]
                 else:
                     for stream, entries in sorted(read or [],
                                                   key=lambda s: s[0] != tasks.encode()):
-                        ready += [(stream.decode(), eid, f, None) for eid, f in entries]
+                        got += [(stream.decode(), eid, f, None) for eid, f in entries]
+                with self._lock:
+                    ready.extend(got)
                 idle = not ready
                 if not ready:
                     cursor = ">"
-                    continue
-            stream, entry_id, fields, status = ready.pop(0)
-            if fields is None:  # deleted while pending (clear_queue cannot do this; be safe)
-                self._loop_r.xack(stream, ENGINE_GROUP, entry_id)
-                continue
-            complete = self._run(stream, entry_id.decode(), fields, status)
+
+    def _forget_ready(self) -> None:
+        """Drop what was read and not run: it is re-read from our PEL (cursor "0")."""
+        with self._lock:
+            self._ready.clear()
+
+    def _give_back(self) -> None:
+        """Return the tasks taken but not started to the end of ``P:tasks``, for an idle
+        engine: the command running is slow (the watchdog calls this), or we are stopping."""
+        tasks = self.keys.tasks
+        with self._lock:
+            mine = [e for e in self._ready if e[0] == tasks]
+            for e in mine:
+                self._ready.remove(e)
+        if not mine:
+            return
+        try:
+            n = self.scripts.give_back(keys=[tasks], args=[f"e{self.id}", self.keys.prefix,
+                                                           *(e[1] for e in mine)])
+            log.debug("engine %d: gave %d task(s) back", self.id, n)
+        except redis.RedisError as exc:  # keep them: they run here after all
+            log.warning("engine %d: could not give %d task(s) back: %s", self.id, len(mine), exc)
+            with self._lock:
+                self._ready.extendleft(reversed(mine))
 
     def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes],
              status: bytes | None = None) -> list[Any]:
@@ -696,6 +763,28 @@ class Engine:
 FAULTPOINT_ENV = "REDISENGINES_FAULTPOINT"
 FAULT_POINTS = ("after_read", "before_exec", "after_exec", "before_ack")
 FAULT_ACTIONS = ("kill", "exit", "hang")
+
+
+class _Pace:
+    """How many entries an engine takes per read, and when its held completions go out.
+
+    It takes what it expects to run within ``TAKE_BUDGET``, judging by its recent commands:
+    one at a time after a slow command, so that no engine hoards work an idle one could take
+    (a slow command counts at once; fast ones lower the estimate gradually).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = TAKE_BUDGET  # what a command takes, as far as we know: one per read
+
+    def ran(self, seconds: float) -> None:
+        self.seconds = seconds if seconds > self.seconds else 0.8 * self.seconds + 0.2 * seconds
+
+    def count(self) -> int:
+        return max(1, min(TAKE_MAX, int(TAKE_BUDGET / max(self.seconds, 1e-6))))
+
+    @staticmethod
+    def flush_due(held: int, since: float) -> bool:
+        return held >= TAKE_MAX or time.monotonic() - since >= FLUSH_AFTER
 
 
 def parse_faultpoints(spec: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Ray-style remote functions and actors, on the same engines, streams and Redis futures.
 
 * ``f.remote(...)`` goes to the shared stream ``P:tasks``: the first idle engine takes it
-  (group ``engine``, one entry per read, so no engine hoards calls). ``f.options(engine=1)``
+  (group ``engine``; an engine takes several only while they are short, and gives back
+  those behind one that turns out slow, so no engine hoards calls). ``f.options(engine=1)``
   sends it to that engine's inbox instead.
 * ``Cls.remote(...)`` creates an actor on one engine; ``handle.method.remote(...)`` goes to
   that engine's inbox, so calls to one actor run one at a time, in the order they were sent.

@@ -12,7 +12,7 @@ import redis
 from redis.commands.core import Script
 
 NAMES = ("register", "heartbeat", "complete", "retire", "clear_queue", "release_object",
-         "cancel", "submit", "take")
+         "cancel", "submit", "take", "give_back")
 
 
 def source(name: str) -> str:
@@ -31,6 +31,7 @@ class Scripts:
     cancel: Script
     submit: Script
     take: Script
+    give_back: Script
 
     def __init__(self, r: redis.Redis) -> None:
         self.r = r

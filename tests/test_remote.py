@@ -351,6 +351,51 @@ def test_an_engine_takes_one_call_at_a_time_from_a_full_stream(rc, cluster, gate
     assert r.xlen(tasks_key(cluster_name)) == 0
 
 
+def test_tasks_taken_behind_a_slow_one_are_given_back(rc, cluster, gates, r, cluster_name,
+                                                      server_url) -> None:
+    """An engine busy with short commands takes queued tasks several at a time; when one of
+    them turns out slow, the tasks behind it go back to P:tasks, and an idle engine runs them
+    while the slow one still runs (nothing waits behind it)."""
+    g1 = gates()
+    h1 = g1.hold(rc, 1)  # engine 1 takes nothing for now
+    # Engine 0 works through short commands of its inbox: its pace says "take many".
+    flood = [square.options(engine=0).remote(i) for i in range(8000)]
+    wait_until(lambda: sum(f.done() for f in flood[:200]) == 200, what="engine 0 under way")
+    requeued = 0
+    for _ in range(10):  # until engine 0 took a batch with the slow call (the sender decides)
+        gs = gates()
+        added = r.xinfo_stream(tasks_key(cluster_name))["entries-added"]
+        before = [pid_square.remote(i) for i in range(10)]
+        slow = block.remote(server_url, gs.started_key, gs.open_key, "slow")
+        behind = [pid_square.remote(i) for i in range(30)]
+        took = r.blpop([gs.started_key], WAIT)
+        assert took is not None and int(took[1]) == cluster.processes[0].pid
+        g1.open()
+        out = redisengines.get(behind, timeout=WAIT)  # while engine 0 is held by `slow`
+        assert not slow.done()
+        assert [v for _, v in out] == [i * i for i in range(30)]
+        assert {pid for pid, _ in out} == {cluster.processes[1].pid}
+        # Those engine 0 took with `slow` were given back: re-queued as new entries.
+        requeued = r.xinfo_stream(tasks_key(cluster_name))["entries-added"] - added - 41
+        g1 = gates()
+        h1 = g1.hold(rc, 1)
+        gs.open()
+        assert slow.result(timeout=WAIT) == "slow"
+        redisengines.get(before, timeout=WAIT)
+        if requeued:
+            break
+    assert requeued > 0, "engine 0 never took a task behind the slow one"
+    g1.open()
+    h1.result(timeout=WAIT)
+    rc.clear_queue(targets=0)  # the rest of the flood
+    done, _ = concurrent.futures.wait(flood, timeout=WAIT)
+    assert len(done) == len(flood)
+    assert all(f.result() == i * i for i, f in enumerate(flood) if not f.cancelled()
+               and f.exception() is None)
+    assert all(isinstance(f.exception(), CancelledError) for f in flood
+               if not f.cancelled() and f.exception() is not None)
+
+
 def test_two_blocking_calls_run_at_once_on_both_engines(rc, cluster, gates, r,
                                                         server_url) -> None:
     """Neither engine takes a second call while it runs one: both blockers start."""
