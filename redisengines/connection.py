@@ -16,9 +16,15 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.connection import Encoder, PythonRespSerializer, SSLConnection
+from redis.connection import (
+    Encoder,
+    HiredisRespSerializer,
+    PythonRespSerializer,
+    SSLConnection,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -51,6 +57,7 @@ def connect(url: str, *, retries: int = 8, name: str | None = None,
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         health_check_interval=0,
         client_name=name,
+        command_packer=_Packer(),
     )
     if not url.startswith("unix://"):
         kwargs["socket_keepalive"] = True
@@ -61,6 +68,26 @@ def connect(url: str, *, retries: int = 8, name: str | None = None,
     if url.startswith(SENTINEL_SCHEME):
         return _sentinel_client(url, kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+class _Packer:
+    """redis-py's hiredis packer without its Python pass over every argument.
+
+    hiredis packs ``str``, ``int``, ``float`` and ``bytes`` itself, to the same bytes and about
+    three times faster for the 20 to 30 arguments of our script calls; anything else (and a
+    first argument of several words, such as ``"CLIENT SETNAME"``) goes redis-py's way.
+    """
+
+    def __init__(self) -> None:
+        self._fallback = HiredisRespSerializer(Encoder("utf-8", "strict", False).encode)
+
+    def pack(self, *args: Any) -> list[bytes]:
+        if not (isinstance(args[0], str) and " " in args[0]):
+            try:
+                return [hiredis.pack_command(args)]
+            except TypeError:
+                pass
+        return self._fallback.pack(*args)
 
 
 def bulk_client(r: redis.Redis) -> redis.Redis:

@@ -72,16 +72,13 @@ class Signer:
         return int((time.time() + self.clock_offset) * 1000)
 
     def tag(self, fields: Mapping[Any, Any], dst: str, skip: frozenset[bytes] = COMMAND) -> str:
-        h = hmac.new(self._key, digestmod=hashlib.sha256)
-        h.update(dst.encode())
-        items = sorted((_bytes(k), v) for k, v in fields.items())
-        for k, v in items:
+        parts = [dst.encode()]
+        for k, v in sorted((_bytes(k), v) for k, v in fields.items()):
             if k in skip:
                 continue
             data = _bytes(v)
-            h.update(len(k).to_bytes(4, "big") + k + len(data).to_bytes(8, "big"))
-            h.update(data)
-        return h.hexdigest()
+            parts += (len(k).to_bytes(4, "big"), k, len(data).to_bytes(8, "big"), data)
+        return hmac.digest(self._key, b"".join(parts), "sha256").hex()
 
     def sign(self, fields: dict[str, Any], dst: str, *, stamp: bool = True,
              skip: frozenset[bytes] = COMMAND) -> dict[str, Any]:
