@@ -19,12 +19,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.connection import (
-    Encoder,
-    HiredisRespSerializer,
-    PythonRespSerializer,
-    SSLConnection,
-)
+from redis.connection import Encoder, PythonRespSerializer, SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -74,12 +69,13 @@ class _Packer:
     """redis-py's hiredis packer without its Python pass over every argument.
 
     hiredis packs ``str``, ``int``, ``float`` and ``bytes`` itself, to the same bytes and about
-    three times faster for the 20 to 30 arguments of our script calls; anything else (and a
-    first argument of several words, such as ``"CLIENT SETNAME"``) goes redis-py's way.
+    three times faster for the 20 to 30 arguments of our script calls; anything else
+    (memoryviews, a first argument of several words such as ``"CLIENT SETNAME"``) goes
+    through redis-py's Python packer, which also raises its errors (``DataError``).
     """
 
     def __init__(self) -> None:
-        self._fallback = HiredisRespSerializer(Encoder("utf-8", "strict", False).encode)
+        self._fallback = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
     def pack(self, *args: Any) -> list[bytes]:
         if not (isinstance(args[0], str) and " " in args[0]):

@@ -1,12 +1,16 @@
-"""A dead Redis: calls and pending futures fail with ConnectionLostError, never hang."""
+"""Connections: a dead Redis fails calls and pending futures with ConnectionLostError (never
+a hang); commands pack every argument type."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
+import redis
 
 import redisengines
+from redisengines.connection import connect
 from redisengines.server import EmbeddedServer
 
 
@@ -39,3 +43,19 @@ def test_connect_to_nothing_is_a_clear_error() -> None:
 def test_connect_needs_a_url() -> None:
     with pytest.raises(ValueError, match="REDISENGINES_REDIS_URL"):
         redisengines.connect()
+
+
+def test_commands_pack_every_argument_type(server_url: str) -> None:
+    r = connect(server_url, retries=0, name="packer")
+    try:
+        key = f"pack:{uuid.uuid4().hex}"
+        r.hset(key, mapping={"s": "é", "i": -7, "f": 0.1, "b": b"\x00\xff",
+                             "ba": bytearray(b"ab"), "mv": memoryview(b"cd")})
+        assert r.hgetall(key) == {b"s": "é".encode(), b"i": b"-7", b"f": b"0.1",
+                                  b"b": b"\x00\xff", b"ba": b"ab", b"mv": b"cd"}
+        assert r.execute_command("CLIENT GETNAME") in (b"packer", "packer")  # two words
+        with pytest.raises(redis.DataError):
+            r.set(key, True)
+        r.delete(key)
+    finally:
+        r.close()

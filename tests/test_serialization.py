@@ -80,3 +80,26 @@ def test_to_pickle_is_plain_pickle() -> None:
     assert np.array_equal(pickle.loads(to_pickle(arr)), arr)
     with pytest.raises(SerializationError):
         to_pickle(threading.Lock())
+
+
+@pytest.mark.parametrize("value", [None, 3, ("fn", b"\x00" * 300, (1, 2.5, "x"),
+                                              {"k": [True, None]})])
+def test_plain_values_pickle_as_cloudpickle_would(value) -> None:
+    import cloudpickle
+
+    assert bytes(serialize(value).segments[0]) == cloudpickle.dumps(value, protocol=5)
+
+
+def test_values_that_are_not_plain_go_by_value() -> None:
+    # Defined here (not importable by an engine): cloudpickle sends them by value, also
+    # inside containers the standard pickler would otherwise take.
+    def local(x):
+        return x + 1
+
+    class Local:
+        pass
+
+    for value in ([local], {"f": local}, (Local(),), {1: "int key"}, [[[[1]]]]):
+        back = unpack(pack(serialize(value)))
+        assert type(back) is type(value)
+    assert unpack(pack(serialize([local])))[0](1) == 2
