@@ -118,8 +118,11 @@ class Engine:
         # Entries read but not yet run (tasks first), each (stream, entry id, fields, status
         # of a task's result when take.lua read it, else None). The main thread runs them;
         # the watchdog may give the tasks back (_give_back). Under _lock.
-        self._ready: deque[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = \
-            deque()
+        self._ready: deque[tuple[str, bytes, dict[bytes, bytes], bytes | None]] = deque()
+        # Tasks started and not acknowledged yet (never given back), and tasks given back
+        # that a read under way may still deliver (dropped when it does). Under _lock.
+        self._keep: set[str] = set()
+        self._given_back: set[bytes] = set()
         self._watchdog = Watchdog(name="re-watchdog")
         self._pump = Pump(lambda: connect(settings.redis_url, retries=settings.retries,
                                           pool_size=1, tls=settings.tls))
@@ -307,17 +310,29 @@ class Engine:
             self._loop_r.close()  # the connection of a retired incarnation
         self._loop_r = connect(self.settings.redis_url, retries=0, pool_size=1,
                                name=f"{self.keys.prefix}:e{self.id}:loop", tls=self.settings.tls)
+        conn = self._loop_r.connection_pool.get_connection()
+        try:
+            self._loop(conn)
+        finally:
+            self._loop_r.connection_pool.release(conn)
+
+    def _loop(self, conn: Any) -> None:
+        """Run what the inbox and ``P:tasks`` deliver until stopped or fenced.
+
+        Each round sends the completions of what ran with the read of what comes next, and
+        runs the next entry already read while that round trip is under way: an engine with
+        work never waits for Redis. It blocks (in XREADGROUP) only when it has nothing.
+        """
         inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
-        # Completions of commands that ran and are not sent yet (complete.lua's arguments),
-        # and when the oldest of them finished.
+        # Completions of commands that ran and are not confirmed yet (complete.lua's
+        # arguments), and when the oldest of them finished.
         complete: list[list[Any]] = []
         held_since = 0.0
+        acks: list[tuple[str, bytes]] = []  # entries deleted while pending, to acknowledge
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
         failures = oom = 0
-        # A read happens only when nothing read is left to run, and takes as many entries
-        # as the pace allows (one after a slow command).
         ready = self._ready
         # After a command, take.lua reads the next entries without blocking, in the round
         # trip of its completion; only when it found nothing does the loop block in
@@ -333,66 +348,73 @@ class Engine:
                     # old one is re-read there or, if it never got there, was lost with it.
                     log.warning("engine %d: the master moved to %s:%s; re-reading our pending "
                                 "entries there", self.id, *where)
+                    conn.disconnect()  # (held by this loop: follow_master leaves it alone)
                     cursor = "0"
                     self._forget_ready()
                 master = where
             # still complete what ran, read nothing more
             stopping = self._stopping.is_set() or self._fence.is_set()
-            if ready and not stopping and (not complete or not self._pace.flush_due(
-                    len(complete), held_since)):
+            # With one entry left (short commands, new entries), read the next ones while it
+            # runs. (A re-read of our PEL, cursor "0", waits until nothing is left: it would
+            # deliver those again.)
+            ahead = (not stopping and len(ready) == 1 and cursor != "0" and not idle
+                     and self._pace.seconds < GIVE_BACK_AFTER)
+            if ready and not stopping and not ahead and (
+                    not complete or not self._pace.flush_due(len(complete), held_since)):
                 # Taken entries run back to back; their completions go out together.
-                with self._lock:
-                    if not ready:
-                        continue  # (the watchdog gave them back)
-                    stream, entry_id, fields, status = ready.popleft()
-                    behind = any(e[0] == tasks for e in ready)
-                if fields is None:  # deleted while pending (clear_queue cannot do this)
-                    self._loop_r.xack(stream, ENGINE_GROUP, entry_id)
-                    continue
-                began = time.monotonic()
-                if not complete:
-                    held_since = began
-                if behind:  # if this one is slow, the tasks behind it go to an idle engine
-                    self._watchdog.arm("give_back", GIVE_BACK_AFTER, self._give_back)
-                complete.append(self._run(stream, entry_id.decode(), fields, status))
-                if behind:
-                    self._watchdog.disarm("give_back")
-                self._pace.ran(time.monotonic() - began)
+                held_since = self._run_next(complete, held_since)
                 continue
             if not complete and stopping:
                 self._give_back()
                 return
-            pipe = self._loop_r.pipeline(transaction=False)
-            for args in complete:
-                pipe.evalsha(self.scripts.complete.sha, 5, *args)
-            reading = not stopping and not ready
+            reading = not stopping and (not ready or ahead)
             taking = reading and cursor != "0" and not idle
             count = self._pace.count()
+            sent = complete
+            commands: list[tuple[Any, ...]] = [
+                ("XACK", stream, ENGINE_GROUP, entry_id) for stream, entry_id in acks]
+            commands += [("EVALSHA", self.scripts.complete.sha, 5, *args) for args in sent]
             if taking:
-                pipe.evalsha(self.scripts.take.sha, 2, tasks, inbox, consumer, self.keys.prefix,
-                             count, count)
+                # Reading ahead takes no command of our inbox: one queued behind the command
+                # running stays "not started" (started=False) if this engine dies meanwhile.
+                commands.append(("EVALSHA", self.scripts.take.sha, 2, tasks, inbox, consumer,
+                                 self.keys.prefix, count, 0 if ready else count))
             elif reading:
-                pipe.xreadgroup(ENGINE_GROUP, consumer, {inbox: cursor, tasks: cursor},
-                                count=count if cursor == "0" else 1,
-                                block=None if cursor == "0" else block_ms)
+                commands.append(("XREADGROUP", "GROUP", ENGINE_GROUP, consumer,
+                                 "COUNT", count if cursor == "0" else 1,
+                                 *(() if cursor == "0" or ready else ("BLOCK", block_ms)),
+                                 "STREAMS", inbox, tasks, cursor, cursor))
+            complete, acks = [], []
             try:
-                replies = pipe.execute(raise_on_error=False)
+                # (a dropped connection reconnects here: for a sentinel URL, to the master
+                # the sentinels name now; a send would reconnect to the old address)
+                conn.connect()
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                if ready and not stopping and (taking or not reading):
+                    # Run the next entry while Redis answers (tasks read meanwhile are given
+                    # back if it is slow).
+                    held_since = self._run_next(complete, held_since, reading_ahead=taking)
+                replies = _receive(conn, len(commands))
                 demoted = next((e for e in replies if isinstance(e, Exception)
                                 and lost_master(e)), None)
                 if demoted is not None:  # (a completion is retried: complete.lua is idempotent)
                     raise redis.ConnectionError(f"the server is no master now: {demoted}")
                 failures = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                conn.disconnect()
+                complete[:0] = sent  # sent again, first (complete.lua is idempotent)
                 failures += 1
                 log.warning("engine %d: Redis unreachable (%s); retry %d", self.id, exc, failures)
                 time.sleep(min(2.0, 0.05 * 2 ** failures))
                 cursor = "0"  # re-read what a lost reply may have delivered to us
                 self._forget_ready()
                 continue
-            if complete:
-                done = replies[:len(complete)]
+            replies = replies[len(commands) - len(sent) - reading:]  # (not the XACKs)
+            if sent:
+                done = replies[:len(sent)]
                 if any(isinstance(d, NoScriptError) for d in done):
                     self.r.script_load(self.scripts.complete.script)
+                    complete[:0] = sent
                     cursor = "0"  # what the read delivered is re-read from our PEL
                     self._forget_ready()
                     continue
@@ -400,6 +422,7 @@ class Engine:
                     # Keep the results and retry: nothing was written, and the lease holds
                     # (PEXPIRE is allowed at maxmemory). Those that were stored are stored
                     # again, the same (complete.lua is idempotent).
+                    complete[:0] = sent
                     oom += 1
                     if oom == 1:
                         log.warning("engine %d: Redis is out of memory; keeping the result of "
@@ -415,10 +438,11 @@ class Engine:
                 if -1 in done:
                     self._fenced("complete")
                     return
-                complete, oom = [], 0
+                oom = 0
+                with self._lock:
+                    self._keep.difference_update(args[5] for args in sent if args[0] == tasks)
             if stopping:
-                self._give_back()
-                return
+                continue  # (what ran meanwhile is completed next round, then we stop)
             if reading:
                 read = replies[-1]
                 if taking and isinstance(read, NoScriptError):
@@ -435,47 +459,82 @@ class Engine:
                         return
                     self.r.xgroup_create(tasks, ENGINE_GROUP, id="0", mkstream=True)
                     continue
-                got: list[tuple[str, bytes, dict[bytes, bytes] | None, bytes | None]] = []
+                got: list[tuple[str, bytes, dict[bytes, bytes], bytes | None]] = []
                 if taking:
-                    taken, commands, statuses = read
+                    taken, commands_read, statuses = read
                     # Load-balanced tasks first: holding them while we run our own commands
                     # would keep them from an idle engine.
                     got += [(tasks, *_entry(t), status or b"")
                             for t, status in zip(taken, statuses, strict=True)]
-                    got += [(inbox, *_entry(c), None) for c in commands]
+                    got += [(inbox, *_entry(c), None) for c in commands_read]
                 else:
-                    for stream, entries in sorted(read or [],
-                                                  key=lambda s: s[0] != tasks.encode()):
-                        got += [(stream.decode(), eid, f, None) for eid, f in entries]
+                    streams = read.items() if isinstance(read, dict) else read or []  # RESP3/2
+                    for stream, entries in sorted(streams, key=lambda s: s[0] != tasks.encode()):
+                        got += [(stream.decode(), *_entry(e), None) for e in entries]
+                # (an entry deleted while pending has no fields: only acknowledged)
+                acks += [(stream, entry_id) for stream, entry_id, fields, _ in got
+                         if fields is None]
                 with self._lock:
-                    ready.extend(got)
+                    back = self._given_back
+                    ready.extend(e for e in got if e[2] is not None and e[1] not in back)
+                    back.difference_update(e[1] for e in got)
                 idle = not ready
-                if not ready:
+                if not got and cursor == "0":
                     cursor = ">"
+
+    def _run_next(self, complete: list[list[Any]], held_since: float,
+                  reading_ahead: bool = False) -> float:
+        """Run the next entry read; its completion joins ``complete``. Returns when the
+        oldest completion held was made. ``reading_ahead``: a read is under way, whose tasks
+        will wait behind this entry."""
+        tasks = self.keys.tasks
+        with self._lock:
+            if not self._ready:
+                return held_since  # (the watchdog gave them back)
+            stream, entry_id, fields, status = self._ready.popleft()
+            behind = reading_ahead or any(e[0] == tasks for e in self._ready)
+            if stream == tasks:
+                self._keep.add(entry_id.decode())
+        began = time.monotonic()
+        if not complete:
+            held_since = began
+        if behind:  # if this one is slow, the tasks behind it go to an idle engine
+            self._watchdog.arm("give_back", GIVE_BACK_AFTER, self._give_back)
+        complete.append(self._run(stream, entry_id.decode(), fields, status))
+        if behind:
+            self._watchdog.disarm("give_back")
+        self._pace.ran(time.monotonic() - began)
+        return held_since
 
     def _forget_ready(self) -> None:
         """Drop what was read and not run: it is re-read from our PEL (cursor "0")."""
         with self._lock:
             self._ready.clear()
+            self._given_back.clear()  # (the PEL holds them no more)
 
     def _give_back(self) -> None:
         """Return the tasks taken but not started to the end of ``P:tasks``, for an idle
-        engine: the command running is slow (the watchdog calls this), or we are stopping."""
+        engine: the command running is slow (the watchdog calls this), or we are stopping.
+
+        What our PEL holds counts, not only what was read: a read under way (read ahead
+        while the command runs) delivered tasks that the main thread has not seen yet.
+        Under the lock, so that no task starts while it is given back.
+        """
         tasks = self.keys.tasks
         with self._lock:
-            mine = [e for e in self._ready if e[0] == tasks]
-            for e in mine:
-                self._ready.remove(e)
-        if not mine:
-            return
-        try:
-            n = self.scripts.give_back(keys=[tasks], args=[f"e{self.id}", self.keys.prefix,
-                                                           *(e[1] for e in mine)])
-            log.debug("engine %d: gave %d task(s) back", self.id, n)
-        except redis.RedisError as exc:  # keep them: they run here after all
-            log.warning("engine %d: could not give %d task(s) back: %s", self.id, len(mine), exc)
-            with self._lock:
-                self._ready.extendleft(reversed(mine))
+            try:
+                back = set(self.scripts.give_back(
+                    keys=[tasks], args=[f"e{self.id}", self.keys.prefix, *self._keep]))
+            except redis.RedisError as exc:  # they run here after all
+                log.warning("engine %d: could not give tasks back: %s", self.id, exc)
+                return
+            if not back:
+                return
+            log.debug("engine %d: gave %d task(s) back", self.id, len(back))
+            kept = [e for e in self._ready if e[0] != tasks or e[1] not in back]
+            self._given_back |= back - {e[1] for e in self._ready}
+            self._ready.clear()
+            self._ready.extend(kept)
 
     def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes],
              status: bytes | None = None) -> list[Any]:
@@ -770,11 +829,14 @@ class _Pace:
 
     It takes what it expects to run within ``TAKE_BUDGET``, judging by its recent commands:
     one at a time after a slow command, so that no engine hoards work an idle one could take
-    (a slow command counts at once; fast ones lower the estimate gradually).
+    (a slow command counts at once; fast ones lower the estimate gradually). While commands
+    take less than ``GIVE_BACK_AFTER`` it also reads the next tasks while the last one it
+    holds runs, so that it never waits for Redis between two.
     """
 
     def __init__(self) -> None:
-        self.seconds = TAKE_BUDGET  # what a command takes, as far as we know: one per read
+        # What a command takes, as far as we know: nothing yet, so slow (no read-ahead).
+        self.seconds = GIVE_BACK_AFTER
 
     def ran(self, seconds: float) -> None:
         self.seconds = seconds if seconds > self.seconds else 0.8 * self.seconds + 0.2 * seconds
@@ -799,10 +861,24 @@ def parse_faultpoints(spec: str) -> dict[str, str]:
     return points
 
 
-def _entry(raw: Any) -> tuple[bytes, dict[bytes, bytes]]:
-    """An entry as take.lua returns it (``[id, [field, value, ...]]``): id and fields."""
+def _entry(raw: Any) -> tuple[bytes, dict[bytes, bytes] | None]:
+    """An entry as Redis sends it (``[id, [field, value, ...]]``): id and fields (None for
+    an entry deleted while pending)."""
     entry_id, flat = raw
+    if flat is None:
+        return entry_id, None
     return entry_id, dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _receive(conn: Any, n: int) -> list[Any]:
+    """The next ``n`` replies on ``conn``; an error reply comes back as its exception."""
+    replies: list[Any] = []
+    for _ in range(n):
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 def _drop_signal_frame(exc: BaseException) -> None:

@@ -545,7 +545,9 @@ class Client:
         for i, eid in enumerate(eids):
             length, pend, last = raw[3 * i: 3 * i + 3]
             length = length if isinstance(length, int) else 0
-            running = pend["pending"] if isinstance(pend, dict) else 0
+            # Delivered entries: the one running, and any the engine took to run next (an
+            # engine busy with short commands reads several at once), which count as queued.
+            running = min(1, pend["pending"]) if isinstance(pend, dict) else 0
             done = int(last[0][0].split(b"-")[0]) if isinstance(last, list) and last else 0
             out[eid] = {"queued": max(0, length - running), "running": running,
                         "completed": done}

@@ -81,7 +81,7 @@ def gather(r: redis.Redis, keys: Keys, *, url: str | None = None,
     clock = redis_time(now)
     held = _by_consumer(tasks_pending)  # load-balanced calls each engine has taken
     rows = _engine_rows(r, keys, clock, registered, held)
-    running = _pending_count(tasks_pending)
+    running = sum(min(1, n) for n in held.values())  # (the others taken are queued there)
     count, capped = _count_results(r, keys, scan, scan_count, scan_calls)
     live = {e["id"] for e in rows if e["alive"] and e["state"] != "dead"}
     return {
@@ -150,7 +150,8 @@ def _engine_row(eid: int, info: dict[str, Any], clock: float, inbox: int, pendin
         state=state, alive=alive,
         beat_age=round(since_beat, 3) if since_beat is not None else None,
         inbox=inbox, pending=pending, tasks=tasks,
-        queued=max(0, inbox - pending),  # accepted, not yet started (as queue_status says)
+        # accepted, not yet started (as queue_status says: one delivered entry runs)
+        queued=max(0, inbox - min(1, pending)),
     )
     uptime = _float(info.get("uptime"))
     if uptime is not None:

@@ -1,16 +1,20 @@
--- give_back: return tasks an engine took but has not started to the end of P:tasks, where an
--- idle engine takes them (the engine is busy with a slow command). Nothing is used up: a task
--- keeps its fields (retries, died), its signature (same stream) and its result hash, whose
--- `entry` names the new entry (so that cancel finds it).
--- KEYS[1] P:tasks   ARGV[1] consumer (e<id>)   ARGV[2] prefix P   ARGV[3..] entry ids
--- Returns the number of tasks given back; an entry no longer held by ARGV[1] is left alone.
-local n = 0
-for i = 3, #ARGV do
-  local held = redis.call('XPENDING', KEYS[1], 'engine', ARGV[i], ARGV[i], 1)
-  if #held > 0 and held[1][2] == ARGV[1] then
-    local entry = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-    redis.call('XACK', KEYS[1], 'engine', ARGV[i])
-    redis.call('XDEL', KEYS[1], ARGV[i])
+-- give_back: return the tasks an engine took but has not started to the end of P:tasks,
+-- where an idle engine takes them (the engine is busy with a slow command). Nothing is used
+-- up: a task keeps its fields (retries, died), its signature (same stream) and its result
+-- hash, whose `entry` names the new entry (so that cancel finds it).
+-- KEYS[1] P:tasks   ARGV[1] consumer (e<id>)   ARGV[2] prefix P
+-- ARGV[3..] the entries to keep: the one running, and those that ran and are not acked yet
+-- Returns the ids of the entries given back.
+local keep = {}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local back = {}
+local held = redis.call('XPENDING', KEYS[1], 'engine', '-', '+', 1000, ARGV[1])
+for _, p in ipairs(held) do
+  local eid = p[1]
+  if not keep[eid] then
+    local entry = redis.call('XRANGE', KEYS[1], eid, eid)
+    redis.call('XACK', KEYS[1], 'engine', eid)
+    redis.call('XDEL', KEYS[1], eid)
     if #entry > 0 then
       local kv = entry[1][2]
       local id = redis.call('XADD', KEYS[1], '*', unpack(kv))
@@ -23,8 +27,8 @@ for i = 3, #ARGV do
           break
         end
       end
-      n = n + 1
     end
+    back[#back + 1] = eid
   end
 end
-return n
+return back

@@ -4,11 +4,12 @@
 -- run elsewhere (a replay).
 -- KEYS[1] P:tasks   KEYS[2] P:{e<id>}:inbox
 -- ARGV[1] consumer (e<id>)   ARGV[2] prefix P (result keys are named after the entries' ids)
--- ARGV[3] how many tasks at most   ARGV[4] how many inbox commands at most
+-- ARGV[3] how many tasks at most   ARGV[4] how many inbox commands at most (0: none)
 -- Returns {tasks, commands, statuses}: tasks and commands are lists of entries
 -- {id, {field, value, ...}}; statuses[i] is the status of tasks[i]'s result, or false.
 -- Errors (NOGROUP) are those of XREADGROUP.
 local function some(key, n)
+  if n <= 0 then return {} end
   local got = redis.call('XREADGROUP', 'GROUP', 'engine', ARGV[1], 'COUNT', n,
                          'STREAMS', key, '>')
   if not got then return {} end
