@@ -374,11 +374,12 @@ class Engine:
             commands: list[tuple[Any, ...]] = [
                 ("XACK", stream, ENGINE_GROUP, entry_id) for stream, entry_id in acks]
             commands += [("EVALSHA", self.scripts.complete.sha, 5, *args) for args in sent]
+            # Reading ahead takes no command of our inbox: one queued behind the command
+            # running stays "not started" (started=False) if this engine dies meanwhile.
+            ahead = taking and bool(ready)
             if taking:
-                # Reading ahead takes no command of our inbox: one queued behind the command
-                # running stays "not started" (started=False) if this engine dies meanwhile.
                 commands.append(("EVALSHA", self.scripts.take.sha, 2, tasks, inbox, consumer,
-                                 self.keys.prefix, count, 0 if ready else count))
+                                 self.keys.prefix, count, 0 if ahead else count))
             elif reading:
                 commands.append(("XREADGROUP", "GROUP", ENGINE_GROUP, consumer,
                                  "COUNT", count if cursor == "0" else 1,
@@ -478,7 +479,8 @@ class Engine:
                     back = self._given_back
                     ready.extend(e for e in got if e[2] is not None and e[1] not in back)
                     back.difference_update(e[1] for e in got)
-                idle = not ready
+                if not ahead:  # (a read ahead looked at P:tasks only)
+                    idle = not ready
                 if not got and cursor == "0":
                     cursor = ">"
 
