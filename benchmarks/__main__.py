@@ -507,6 +507,8 @@ def targets(results: list[Result]) -> list[str]:
         checks.append((f"W1 tcp: {name} / raw ping-pong",
                        ratio(get("W1", OURS, f"{name}.tcp"), get("W1", RAW, "pingpong.tcp")),
                        "<=", 1.25))
+    checks.append(("W1 unix: actor call / Ray's actor call",
+                   ratio(get("W1", OURS, "actor.unix"), get("W1", "ray", "actor")), "<=", 0.5))
     for t in ("tcp", "unix"):
         for name in ("function", "actor"):
             checks.append((f"W2 {t}: {name} calls/s", get("W2", OURS, f"{name}.{t}"), ">=",

@@ -59,6 +59,8 @@ def noop() -> None:
 
 
 def nap(seconds: float) -> None:
+    import time  # (IPython Parallel sends this function by value, without our globals)
+
     time.sleep(seconds)
 
 
