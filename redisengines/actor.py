@@ -374,9 +374,9 @@ class Engine:
             commands: list[tuple[Any, ...]] = [
                 ("XACK", stream, ENGINE_GROUP, entry_id) for stream, entry_id in acks]
             commands += [("EVALSHA", self.scripts.complete.sha, 5, *args) for args in sent]
-            # Reading ahead takes no command of our inbox: one queued behind the command
-            # running stays "not started" (started=False) if this engine dies meanwhile.
-            ahead = taking and bool(ready)
+            # Reading ahead (taking, with an entry left to run) takes no command of our inbox:
+            # one queued behind the command running stays "not started" (started=False) if
+            # this engine dies meanwhile.
             if taking:
                 commands.append(("EVALSHA", self.scripts.take.sha, 2, tasks, inbox, consumer,
                                  self.keys.prefix, count, 0 if ahead else count))

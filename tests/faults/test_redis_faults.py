@@ -908,6 +908,8 @@ def test_fault_47_acl_user_limited_to_its_cluster_prefix(tmp_path) -> None:
             assert square.options(client=client).remote(9).result(DEADLINE) == 81
             held = client.execute("import time; time.sleep(1)", targets=0, block=False)
             client.execute("b = 1", targets=0, block=False)
+            wait_until(lambda: client.queue_status(targets=0)["running"] == 1,
+                       what="the held command running")
             assert client.queue_status(targets=0)["queued"] == 1
             assert client.clear_queue(targets=0) == 1
             held.result(DEADLINE)
