@@ -117,12 +117,15 @@ class Engine:
         self._pace = _Pace()
         # Entries read but not yet run (tasks first), each (stream, entry id, fields, status
         # of a task's result when take.lua read it, else None). The main thread runs them;
-        # the watchdog may give the tasks back (_give_back). Under _lock.
+        # the watchdog may give the tasks back (_give_back). Under _ready_lock (its own lock:
+        # a give-back holds it over a round trip, which must not delay an interrupt).
+        self._ready_lock = threading.Lock()
         self._ready: deque[tuple[str, bytes, dict[bytes, bytes], bytes | None]] = deque()
         # Tasks started and not acknowledged yet (never given back), and tasks given back
-        # that a read under way may still deliver (dropped when it does). Under _lock.
+        # that a read under way may still deliver (dropped when it does). Under _ready_lock.
         self._keep: set[str] = set()
         self._given_back: set[bytes] = set()
+        self._give_back_r: redis.Redis | None = None  # its connection: one try, no retries
         self._watchdog = Watchdog(name="re-watchdog")
         self._pump = Pump(lambda: connect(settings.redis_url, retries=settings.retries,
                                           pool_size=1, tls=settings.tls))
@@ -440,7 +443,7 @@ class Engine:
                     self._fenced("complete")
                     return
                 oom = 0
-                with self._lock:
+                with self._ready_lock:
                     self._keep.difference_update(args[5] for args in sent if args[0] == tasks)
             if stopping:
                 continue  # (what ran meanwhile is completed next round, then we stop)
@@ -475,7 +478,7 @@ class Engine:
                 # (an entry deleted while pending has no fields: only acknowledged)
                 acks += [(stream, entry_id) for stream, entry_id, fields, _ in got
                          if fields is None]
-                with self._lock:
+                with self._ready_lock:
                     back = self._given_back
                     ready.extend(e for e in got if e[2] is not None and e[1] not in back)
                     back.difference_update(e[1] for e in got)
@@ -490,7 +493,7 @@ class Engine:
         oldest completion held was made. ``reading_ahead``: a read is under way, whose tasks
         will wait behind this entry."""
         tasks = self.keys.tasks
-        with self._lock:
+        with self._ready_lock:
             if not self._ready:
                 return held_since  # (the watchdog gave them back)
             stream, entry_id, fields, status = self._ready.popleft()
@@ -510,7 +513,7 @@ class Engine:
 
     def _forget_ready(self) -> None:
         """Drop what was read and not run: it is re-read from our PEL (cursor "0")."""
-        with self._lock:
+        with self._ready_lock:
             self._ready.clear()
             self._given_back.clear()  # (the PEL holds them no more)
 
@@ -520,13 +523,18 @@ class Engine:
 
         What our PEL holds counts, not only what was read: a read under way (read ahead
         while the command runs) delivered tasks that the main thread has not seen yet.
-        Under the lock, so that no task starts while it is given back.
+        Under the lock, so that no task starts while it is given back; one try, so that an
+        unreachable Redis does not hold the main thread for long.
         """
         tasks = self.keys.tasks
-        with self._lock:
+        with self._ready_lock:
             try:
+                if self._give_back_r is None:
+                    self._give_back_r = connect(self.settings.redis_url, retries=0,
+                                                pool_size=1, tls=self.settings.tls)
                 back = set(self.scripts.give_back(
-                    keys=[tasks], args=[f"e{self.id}", self.keys.prefix, *self._keep]))
+                    keys=[tasks], args=[f"e{self.id}", self.keys.prefix, *self._keep],
+                    client=self._give_back_r))
             except redis.RedisError as exc:  # they run here after all
                 log.warning("engine %d: could not give tasks back: %s", self.id, exc)
                 return
