@@ -91,7 +91,9 @@ def bulk_client(r: redis.Redis) -> redis.Redis:
 
     The hiredis packer copies every argument (twice for a memoryview); the Python one
     sends large memoryviews as they are, which makes paged writes several times faster.
-    Small commands are better served by hiredis, so only page writes use this client.
+    Small commands are better served by hiredis, so only page writes use this client (page
+    reads use its connections too, see ``pagereader``). Its pool is unbounded, as the main
+    client's: a thread never fails for want of a connection.
     """
     source = r.connection_pool
     kwargs = dict(source.connection_kwargs)
@@ -103,11 +105,9 @@ def bulk_client(r: redis.Redis) -> redis.Redis:
         # Its own sentinel-managed pool: page writes follow the master across a failover too.
         kwargs.pop("connection_pool", None)  # (the source pool's proxy; the new pool sets its own)
         pool = SentinelConnectionPool(source.service_name, source.sentinel_manager,
-                                      connection_class=source.connection_class,
-                                      max_connections=4, **kwargs)
+                                      connection_class=source.connection_class, **kwargs)
     else:
-        pool = redis.ConnectionPool(connection_class=source.connection_class,
-                                    max_connections=4, **kwargs)
+        pool = redis.ConnectionPool(connection_class=source.connection_class, **kwargs)
     return redis.Redis(connection_pool=pool)
 
 

@@ -80,3 +80,20 @@ def test_pages_carry_the_ttl(store: ObjectStore) -> None:
     oid = store.put(serialize(np.zeros(50_000)))
     assert 0 < store.r.pttl(store.keys.page(oid, 0)) <= store.settings.result_ttl * 1000
     assert 0 < store.r.pttl(store.keys.manifest(oid))
+
+
+def test_many_threads_read_and_write_large_values_at_once(store: ObjectStore) -> None:
+    """Page reads and writes share a pool of connections: more threads than it holds idle
+    still all get theirs (none fails with "Too many connections")."""
+    import concurrent.futures
+
+    arr = np.arange(50_000, dtype=np.float64)
+    oid = store.put(serialize(arr))
+
+    def one(i: int) -> bool:
+        back = store.get(oid)
+        store.put(serialize(arr + i))
+        return bool(np.array_equal(back, arr))
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        assert all(pool.map(one, range(48)))
