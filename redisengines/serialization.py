@@ -27,21 +27,26 @@ OUT_OF_BAND_MIN = 64 * 1024
 # Values made only of these (in small tuples, lists and dicts) pickle the same with the
 # standard pickler, which costs a fraction of cloudpickle's per call.
 _SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
-_PLAIN_ITEMS = 64
+_PLAIN_ITEMS = 64  # items looked at in all: past that, cloudpickle without looking further
 
 
-def _plain(obj: Any, depth: int = 0) -> bool:
-    kind = type(obj)
-    if kind in _SCALARS:
-        return True
-    if depth == 3:
-        return False
-    if kind is tuple or kind is list:
-        return len(obj) <= _PLAIN_ITEMS and all(_plain(x, depth + 1) for x in obj)
-    if kind is dict:
-        return len(obj) <= _PLAIN_ITEMS and all(
-            type(k) is str and _plain(v, depth + 1) for k, v in obj.items())
-    return False
+def _plain(obj: Any) -> bool:
+    todo, seen = [obj], 0
+    while todo:
+        item = todo.pop()
+        seen += 1
+        if seen > _PLAIN_ITEMS:
+            return False
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is tuple or kind is list:
+            todo.extend(item)
+        elif kind is dict and all(type(k) is str for k in item):
+            todo.extend(item.values())
+        else:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
