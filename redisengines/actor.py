@@ -368,7 +368,8 @@ class Engine:
                 held_since = self._run_next(complete, held_since)
                 continue
             if not complete and stopping:
-                self._give_back()
+                if any(e[0] == tasks for e in ready):  # (no read is under way now)
+                    self._give_back()
                 return
             reading = not stopping and (not ready or ahead)
             taking = reading and cursor != "0" and not idle
