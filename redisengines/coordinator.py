@@ -532,8 +532,12 @@ class Client:
     # ------------------------------------------------------- answered from Redis
     def queue_status(self, targets: Targets = "all", block: bool = True,
                      timeout: float | None = None) -> Any:
-        """``{"queued": n, "running": n, "completed": n}`` per target, read from Redis."""
+        """``{"queued": n, "running": n, "completed": n}`` per target, read from Redis.
+
+        Calls made before by this client (``.remote()``, sent in the background) count.
+        """
         eids, single = self._targets(targets)
+        self._dispatcher.flush(timeout)
         pipe = self.r.pipeline(transaction=False)
         for eid in eids:
             pipe.xlen(self.schema.inbox(eid))
@@ -557,9 +561,11 @@ class Client:
                     timeout: float | None = None) -> Any:
         """Drop queued, not yet started commands; their futures fail with CancelledError.
 
-        The command an engine is running is not affected. Returns how many were dropped.
+        The command an engine is running is not affected, calls made before by this client
+        (``.remote()``, sent in the background) are. Returns how many were dropped.
         """
         eids, single = self._targets(targets)
+        self._dispatcher.flush(timeout)
         pipe = self.r.pipeline(transaction=False)
         ttl = int(self.settings.result_ttl * 1000)
         for eid in eids:

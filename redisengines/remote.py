@@ -113,6 +113,10 @@ class Dispatcher:
         self._outbox: collections.deque[_Call] = collections.deque()
         self._wake = threading.Event()
         self._flight: threading.Event | None = None  # set once the batch in flight is sent
+        # Calls put in the outbox and calls whose sending ended (sent or failed), counted
+        # so that flush() waits for what was in the outbox when it was called, and no more.
+        self._queued = self._done = 0
+        self._sent_cond = threading.Condition(self._lock)
         self._sender: threading.Thread | None = None
         self._closed = False
         self._timeouts = Watchdog(name=f"re-timeouts-{client.client_id}")
@@ -136,6 +140,8 @@ class Dispatcher:
         with self._lock:
             self._closed = True
             unsent = list(self._outbox) + [c for q in self._lanes.values() for c in q]
+            self._done += len(self._outbox)
+            self._sent_cond.notify_all()
             self._outbox.clear()
             self._lanes.clear()
         self._wake.set()
@@ -161,6 +167,7 @@ class Dispatcher:
                     failures.append((call.pending, error))
                     continue
                 self._outbox.append(call)
+                self._queued += 1
             if queue is not None and not queue:
                 del self._lanes[lane]
             if self._outbox:
@@ -195,6 +202,18 @@ class Dispatcher:
                 log.exception("sending %d calls failed", len(batch))
             finally:
                 flight.set()
+                with self._lock:
+                    self._done += len(batch)
+                    self._sent_cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until the calls whose arguments were ready are in Redis (or failed to get
+        there): what a client asks of Redis next (``queue_status``, ``clear_queue``) sees
+        the calls it made before. Calls waiting for their arguments are not waited for."""
+        with self._lock:
+            target = self._queued
+            if not self._sent_cond.wait_for(lambda: self._done >= target, timeout):
+                raise TimeoutError(f"calls made before were not sent within {timeout} s")
 
     def _send(self, batch: list[_Call]) -> None:
         """Send ``batch`` in one pipeline; what cannot be sent fails its future."""
@@ -240,6 +259,8 @@ class Dispatcher:
                 queue.remove(call)  # type: ignore[union-attr]
             elif call.sent is None and call in self._outbox:
                 self._outbox.remove(call)
+                self._done += 1
+                self._sent_cond.notify_all()
                 unsent = True
             flight = self._flight if call.sent is None and not unsent else None
         if unsent:

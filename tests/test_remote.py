@@ -265,6 +265,30 @@ def test_options_do_not_change_the_original(rc, cluster, gates) -> None:
     held.result(timeout=WAIT)
 
 
+def test_queue_status_and_clear_queue_see_the_calls_made_before(
+        rc, gates, monkeypatch) -> None:
+    """``.remote()`` returns before its call is in Redis (a sender thread sends batches):
+    the client's next ``queue_status`` and ``clear_queue`` must still see it."""
+    g = gates()
+    held = g.hold(rc, 0)
+    send = rc._dispatcher._send
+
+    def slow_send(batch):  # a sender that is late, as on a loaded machine
+        time.sleep(0.3)
+        send(batch)
+    monkeypatch.setattr(rc._dispatcher, "_send", slow_send)
+    fs = [square.options(engine=0).remote(i) for i in range(3)]
+    status = rc.queue_status(targets=0)
+    assert (status["queued"], status["running"]) == (3, 1)
+    more = square.options(engine=0).remote(9)
+    assert rc.clear_queue(targets=0) == 4
+    for f in [*fs, more]:
+        with pytest.raises(concurrent.futures.CancelledError):
+            f.result(timeout=WAIT)
+    g.open()
+    assert held.result(timeout=WAIT) is None
+
+
 def test_remote_exception_keeps_its_class(rc, cluster) -> None:
     f = boom.remote()
     try:
