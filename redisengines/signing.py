@@ -58,6 +58,23 @@ def _bytes(value: Any) -> bytes:
     raise TypeError(f"cannot sign a field of type {type(value).__name__}")
 
 
+# A field's name as bytes, and its length-prefixed form, by the name as given (str or bytes):
+# the same few names are signed over and over.
+_HEADS: dict[Any, tuple[bytes, bytes]] = {}
+
+
+def _head(name: Any) -> tuple[bytes, bytes]:
+    raw = _bytes(name)
+    head = _HEADS[name] = (raw, len(raw).to_bytes(4, "big") + raw)
+    if len(_HEADS) > 4096:  # (only if callers sign ever-new names)
+        _HEADS.clear()
+    return head
+
+
+def _by_name(item: tuple[tuple[bytes, bytes], bytes]) -> bytes:
+    return item[0][0]
+
+
 class Signer:
     """Signs and verifies with one cluster key."""
 
@@ -72,12 +89,17 @@ class Signer:
         return int((time.time() + self.clock_offset) * 1000)
 
     def tag(self, fields: Mapping[Any, Any], dst: str, skip: frozenset[bytes] = COMMAND) -> str:
+        """HMAC over ``dst`` and the fields not in ``skip``, sorted by name, each as its
+        name and its value, both prefixed by their length (4 and 8 bytes, big-endian)."""
+        signed = []
+        for k, v in fields.items():
+            head = _HEADS.get(k) or _head(k)
+            if head[0] not in skip:
+                signed.append((head, v if type(v) is bytes else _bytes(v)))
+        signed.sort(key=_by_name)
         parts = [dst.encode()]
-        for k, v in sorted((_bytes(k), v) for k, v in fields.items()):
-            if k in skip:
-                continue
-            data = _bytes(v)
-            parts += (len(k).to_bytes(4, "big"), k, len(data).to_bytes(8, "big"), data)
+        for (_, prefixed), data in signed:
+            parts += (prefixed, len(data).to_bytes(8, "big"), data)
         return hmac.digest(self._key, b"".join(parts), "sha256").hex()
 
     def sign(self, fields: dict[str, Any], dst: str, *, stamp: bool = True,
