@@ -195,6 +195,36 @@ def follow_master(*clients: redis.Redis | None) -> bool:
     return moved
 
 
+def send_batch(r: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` in one write on one connection of ``r``'s pool and return their
+    replies, an error reply as its exception (a pipeline without redis-py's per-command
+    work: no command stack, no response callbacks; replies are as the parser gives them).
+
+    A lost connection is retried with ``r``'s retries, all commands sent again: only for
+    commands that may run twice (our scripts are idempotent per command id).
+    """
+    pool = r.connection_pool
+    conn = pool.get_connection()
+
+    def attempt() -> list[Any]:
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    try:
+        return conn.retry.call_with_retry(attempt, lambda *_: conn.disconnect())
+    except BaseException:
+        conn.disconnect()  # (replies may be left unread on it)
+        raise
+    finally:
+        pool.release(conn)
+
+
 def lost_master(exc: BaseException) -> bool:
     """True for the errors of a server that stopped being the master under a client: a write
     refused by a replica (READONLY, for a client that does not follow a sentinel), a blocked

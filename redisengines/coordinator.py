@@ -29,7 +29,7 @@ import redis
 from . import checks, registry, signing
 from .config import Settings
 from .connection import connect as redis_connect
-from .connection import translate_errors
+from .connection import send_batch, translate_errors
 from .errors import (
     CompositeError,
     DeserializationError,
@@ -286,17 +286,23 @@ class Client:
         per command id, so redis-py's retry of a lost reply queues nothing twice.
         """
         sha = self.scripts.submit.sha
-        args = (self.settings.max_queue, int(self.settings.result_ttl * 1000))
-        for _ in range(2):
-            pipe = self.r.pipeline(transaction=False)
-            for stream, cmd_id, fields in items:
-                flat = [x for kv in self._signed(fields, stream).items() for x in kv]
-                pipe.evalsha(sha, 2, stream, self.schema.result(cmd_id), *args, *flat)
-            try:
-                replies = pipe.execute()
-                break
-            except redis.exceptions.NoScriptError:  # SCRIPT FLUSH: load and send again
-                self.scripts.load("submit")
+        ttl = int(self.settings.result_ttl * 1000)
+        commands = []
+        for stream, cmd_id, fields in items:
+            flat = [x for kv in self._signed(fields, stream).items() for x in kv]
+            commands.append(("EVALSHA", sha, 2, stream, self.schema.result(cmd_id),
+                             self.settings.max_queue, ttl, *flat))
+        replies = send_batch(self.r, commands)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            self.scripts.load("submit")  # SCRIPT FLUSH: load it, send those again
+            again = [i for i, r in enumerate(replies)
+                     if isinstance(r, redis.exceptions.NoScriptError)]
+            for i, reply in zip(again, send_batch(self.r, [commands[i] for i in again]),
+                                strict=True):
+                replies[i] = reply
+        error = next((r for r in replies if isinstance(r, Exception)), None)
+        if error is not None:
+            raise error
         return [None if r == -1 else r.decode() if isinstance(r, bytes) else r for r in replies]
 
     def _pending(self, op: str, cmd_ids: dict[int, str], *, single: bool,
