@@ -280,18 +280,21 @@ class Client:
         return signer.sign(dict(fields), stream) if signer is not None else fields
 
     def _enqueue(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[str | None]:
-        """Queue commands (stream, command id, fields) with ``submit.lua`` in one round trip.
+        """Queue commands (stream, command id, fields) in one round trip; see
+        :meth:`_submit_all`."""
+        return self._submit_all([self._submission(*item) for item in items])
 
-        Returns each entry id, or None where the stream was full. Submitting is idempotent
-        per command id, so redis-py's retry of a lost reply queues nothing twice.
+    def _submission(self, stream: str, cmd_id: str, fields: dict[str, Any]) -> tuple[Any, ...]:
+        """The ``submit.lua`` call that queues one command on ``stream``, signed now."""
+        flat = [x for kv in self._signed(fields, stream).items() for x in kv]
+        return ("EVALSHA", self.scripts.submit.sha, 2, stream, self.schema.result(cmd_id),
+                self.settings.max_queue, int(self.settings.result_ttl * 1000), *flat)
+
+    def _submit_all(self, commands: list[tuple[Any, ...]]) -> list[str | None]:
+        """Send :meth:`_submission` calls in one round trip. Returns each entry id, or None
+        where the stream was full. Submitting is idempotent per command id, so a retry after
+        a lost reply queues nothing twice.
         """
-        sha = self.scripts.submit.sha
-        ttl = int(self.settings.result_ttl * 1000)
-        commands = []
-        for stream, cmd_id, fields in items:
-            flat = [x for kv in self._signed(fields, stream).items() for x in kv]
-            commands.append(("EVALSHA", sha, 2, stream, self.schema.result(cmd_id),
-                             self.settings.max_queue, ttl, *flat))
         replies = send_batch(self.r, commands)
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
             self.scripts.load("submit")  # SCRIPT FLUSH: load it, send those again

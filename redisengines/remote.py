@@ -91,6 +91,9 @@ class _Call:
     fields: dict[str, Any]
     deps: list[PendingResult]
     sent: tuple[str, str] | None = None  # (stream, entry id) once sent
+    # The submit.lua call that sends it, made (and signed) when its arguments are ready, on
+    # the thread that finds them ready: the sender thread only sends.
+    submission: tuple[Any, ...] = ()
     actor: ActorHandle | None = None  # an actor call: fails if the actor failed to start
 
 
@@ -163,6 +166,12 @@ class Dispatcher:
                 error = next(filter(None, map(_failure, call.deps)), None)
                 if error is None and call.actor is not None:
                     error = call.actor._start_failure(dict(failures))
+                if error is None:
+                    try:
+                        call.submission = self.client._submission(
+                            call.stream, _cmd_id(call.pending), call.fields)
+                    except Exception as exc:  # noqa: BLE001 - the call fails, not the caller
+                        error = exc
                 if error is not None:
                     failures.append((call.pending, error))
                     continue
@@ -223,8 +232,7 @@ class Dispatcher:
             client._listener.expect(cmd_id, call.pending, _route_engine(call))
         try:
             with translate_errors(batch[0].pending.op):
-                entry_ids = client._enqueue([(call.stream, cmd_id, call.fields)
-                                             for call, cmd_id in zip(batch, ids, strict=True)])
+                entry_ids = client._submit_all([call.submission for call in batch])
         except BaseException as exc:  # noqa: B036 - every future must settle
             client._listener.forget(ids)
             for call in batch:
