@@ -170,7 +170,7 @@ class Dispatcher:
                     try:
                         call.submission = self.client._submission(
                             call.stream, _cmd_id(call.pending), call.fields)
-                    except Exception as exc:  # noqa: BLE001 - the call fails, not the caller
+                    except Exception as exc:  # (this call fails, not the caller)
                         error = exc
                 if error is not None:
                     failures.append((call.pending, error))
