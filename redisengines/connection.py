@@ -225,6 +225,18 @@ def send_batch(r: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
         pool.release(conn)
 
 
+def stream_entries(reply: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """An XREAD reply as the parser gives it (RESP2: a list of ``[stream, entries]``; RESP3:
+    a map; nil when the block timed out) as ``(stream, [(entry id, fields)])``. An entry
+    deleted meanwhile (no fields) is left out."""
+    if not reply:
+        return []
+    streams = reply.items() if isinstance(reply, dict) else reply
+    return [(stream, [(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+                      for entry_id, flat in entries if flat is not None])
+            for stream, entries in streams]
+
+
 def lost_master(exc: BaseException) -> bool:
     """True for the errors of a server that stopped being the master under a client: a write
     refused by a replica (READONLY, for a client that does not follow a sentinel), a blocked

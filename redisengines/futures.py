@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from . import checks
-from .connection import BLOCK_SECONDS, connect, follow_master, lost_master
+from .connection import (
+    BLOCK_SECONDS,
+    connect,
+    follow_master,
+    lost_master,
+    master_address,
+    stream_entries,
+)
 from .errors import (
     ClusterStateLostError,
     CommandLostError,
@@ -292,6 +299,20 @@ def completed(op: str, value: Any = None, exc: BaseException | None = None) -> P
     return f
 
 
+def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` on ``conn`` and read their replies, retrying a lost connection with
+    the connection's own retries (it reconnects to where a sentinel URL's master is now)."""
+    def attempt() -> list[Any]:
+        conn.connect()
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        return [conn.read_response() for _ in commands]
+    try:
+        return conn.retry.call_with_retry(attempt, lambda *_: conn.disconnect())
+    except BaseException:
+        conn.disconnect()  # (replies may be left unread on it)
+        raise
+
+
 class ReplyListener(threading.Thread):
     """Routes completion notices from ``P:{c<client>}:replies`` to pending results."""
 
@@ -352,20 +373,33 @@ class ReplyListener(threading.Thread):
         block_ms = int(min(BLOCK_SECONDS, interval) * 1000)
         next_check = time.monotonic() + interval
         failures = 0
+        # The blocking read has a connection of its own, held by this thread, and is sent as
+        # packed bytes: a result wakes its waiter sooner when this thread goes back to its
+        # read (and lets go of the GIL) sooner.
+        pool = self.r.connection_pool
+        conn = None
+        master = None  # where a sentinel URL's master was (follow_master leaves conn alone)
         while not self._closing.is_set():
             try:
-                pipe = self.r.pipeline(transaction=False)
+                if conn is None:
+                    conn = pool.get_connection()
+                where = master_address(self.r)
+                if where != master:
+                    if master is not None:
+                        conn.disconnect()
+                    master = where
+                commands: list[tuple[Any, ...]] = []
                 if self._last != "0-0":  # trim what we have read, in the same round trip
-                    pipe.xtrim(self.stream, minid=self._last, approximate=False)
-                pipe.xread({self.stream: self._last, self.events: self._events_last},
-                           count=512, block=block_ms)
+                    commands.append(("XTRIM", self.stream, "MINID", self._last))
+                commands.append(("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS",
+                                 self.stream, self.events, self._last, self._events_last))
                 sent = time.monotonic()
-                resp = pipe.execute()[-1]
+                replies = _exchange(conn, commands)
                 if time.monotonic() - sent > block_ms / 1000 + 1.0:
                     self._no_reap_until = time.monotonic() + 2 * interval + 1.0
                 failures = 0
-                for stream, entries in resp or []:
-                    if stream.decode() == self.events:
+                for stream, entries in stream_entries(replies[-1]):
+                    if stream == self.events.encode():
                         self._membership(entries)
                     else:
                         self._handle(entries)
