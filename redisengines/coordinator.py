@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as futures_wait
@@ -310,11 +309,11 @@ class Client:
 
     def _pending(self, op: str, cmd_ids: dict[int, str], *, single: bool,
                  finalize: Finalize | None = None) -> PendingResult:
-        """A PendingResult whose large values are released once it is garbage collected."""
+        """A PendingResult whose large values are released once it is garbage collected
+        (see ``PendingResult._hold``)."""
         pending = PendingResult(op, cmd_ids, single=single, finalize=finalize)
         pending._store = self.store
         pending._client = self
-        weakref.finalize(pending, self._unreferenced.extend, pending._objects)
         return pending
 
     @staticmethod
@@ -356,8 +355,11 @@ class Client:
         """Message fields carrying ``obj`` (or its ``ser``) to ``n`` engines, written once."""
         if ser is None:
             ser = self._serialized(obj, what)
-        with translate_errors(what):
+        if ser.nbytes <= self.store.settings.inline_max:  # (nothing to write: no Redis error)
             fields = self.store.fields_for(ser, refs=n)
+        else:
+            with translate_errors(what):
+                fields = self.store.fields_for(ser, refs=n)
         fields["size"] = ser.nbytes
         return fields
 
@@ -668,7 +670,7 @@ class Client:
             fields: dict[str, Any] = {"status": "ok", "op": "put",
                                       **self.store.fields_for(ser, refs=1)}
         if "obj" in fields:
-            pending._objects.append(fields["obj"])
+            pending._hold(fields["obj"])
         key = self.schema.result(put_id)
         pipe = self.r.pipeline(transaction=False)
         if self.store.signer is not None:

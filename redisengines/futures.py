@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,13 @@ class PendingResult(Future):  # type: ignore[type-arg]
         raise TypeError("a future can only be passed to a remote call as a top-level argument "
                         "(not inside a list, dict or object); pass it directly, or its "
                         ".result()")
+
+    def _hold(self, oid: str) -> None:
+        """Keep paged value ``oid`` until this future is garbage collected, then release it
+        (the release is registered with the first one: most futures hold none)."""
+        if not self._objects and self._client is not None:
+            weakref.finalize(self, self._client._unreferenced.extend, self._objects)
+        self._objects.append(oid)
 
     # ------------------------------------------------------------- listener side
     def _deliver(self, engine_id: int, ok: bool, value: Any, stdout: str, stderr: str) -> None:
@@ -482,7 +490,7 @@ class ReplyListener(threading.Thread):
             except RedisEnginesError as exc:
                 pending._deliver(engine_id, False, exc, "", "")
                 return
-            pending._objects.append(oid.decode())
+            pending._hold(oid.decode())
             if pending.single and pending._finalize is None:
                 # Fetched on first result(): not on this thread, and not at all for a
                 # value that is only passed on to other calls.

@@ -369,7 +369,7 @@ def _call(client: Client, op: str, *, target: int | None, lane: str | None, payl
     pending._canceller = client._dispatcher.cancel
     body = client._payload(payload, 1, what, ser)
     if "obj" in body:
-        pending._objects.append(body["obj"])  # released with the future
+        pending._hold(body["obj"])  # released with the future
     stream = client.schema.tasks if target is None else client.schema.inbox(target)
     call = _Call(pending, lane or cmd_id, stream,
                  entry(op, cmd_id, client.client_id, **fields, **body), deps, actor=actor)

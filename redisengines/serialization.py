@@ -10,6 +10,7 @@ segments back to back.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import struct
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class Serialized:
 
     segments: list[memoryview]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.segments)
 
