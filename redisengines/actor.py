@@ -717,7 +717,8 @@ class Engine:
                     next_beat = now + interval
                     # A sentinel URL: move every connection to a new master at once (the main
                     # loop re-reads its PEL there), not when the old one is reconfigured.
-                    if follow_master(r, self.r, getattr(self, "_loop_r", None)):
+                    if follow_master(r, self.r, getattr(self, "_loop_r", None),
+                                     self._give_back_r):
                         log.warning("engine %d: the master moved (failover)", self.id)
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         log.error("engine %d: parent process is gone, exiting", self.id)
