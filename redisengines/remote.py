@@ -218,7 +218,12 @@ class Dispatcher:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the calls whose arguments were ready are in Redis (or failed to get
         there): what a client asks of Redis next (``queue_status``, ``clear_queue``) sees
-        the calls it made before. Calls waiting for their arguments are not waited for."""
+        the calls it made before. Calls waiting for their arguments are not waited for.
+
+        On the sender thread itself (a done-callback of a future it failed) it returns at
+        once: that thread cannot wait for its own batch."""
+        if threading.current_thread() is self._sender:
+            return
         with self._lock:
             target = self._queued
             if not self._sent_cond.wait_for(lambda: self._done >= target, timeout):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 import redisengines
@@ -38,3 +41,46 @@ def test_fault_40_full_inbox_raises_queue_full_and_loses_nothing(make_cluster, g
     assert [f.result(timeout=10) for f in queued] == [None, None]
     assert client.pull(["x0", "x1"], targets=0) == [0, 1]
     assert "y" not in client.keys(targets=0)
+
+
+def test_fault_40_a_callback_of_a_call_refused_as_full_can_ask_for_the_queue(
+        make_cluster, gates, monkeypatch) -> None:
+    """A .remote() call refused by a full inbox fails on the client's sender thread, where
+    its done-callbacks run: one that asks queue_status() must get it, not wait for the
+    sender (which is that very thread) until its timeout."""
+    cluster = make_cluster(2, max_queue=2)
+    client = cluster.client()
+    gate = gates()
+    held = gate.hold(client, 0)
+    queued = client.execute("x = 1", targets=0, block=False)  # the inbox is full now
+    send = client._dispatcher._send
+
+    def late_send(batch):  # so that the callback below is added before the call fails
+        time.sleep(0.2)
+        send(batch)
+    monkeypatch.setattr(client._dispatcher, "_send", late_send)
+    seen: list[tuple[str, object]] = []
+    answered = threading.Event()
+
+    def on_done(f: redisengines.PendingResult) -> None:
+        try:
+            seen.append((threading.current_thread().name, client.queue_status(targets=0,
+                                                                               timeout=5)))
+        except Exception as exc:  # (kept for the assertion below)
+            seen.append((threading.current_thread().name, exc))
+        answered.set()
+
+    refused = redisengines.remote(_one).options(engine=0, client=client).remote()
+    refused.add_done_callback(on_done)
+    assert answered.wait(10)
+    assert isinstance(refused.exception(timeout=1), redisengines.QueueFullError)
+    (thread, status), = seen
+    assert thread.startswith("re-sender-")
+    assert isinstance(status, dict) and (status["queued"], status["running"]) == (1, 1), status
+    gate.open()
+    held.result(timeout=10)
+    assert queued.result(timeout=10) is None
+
+
+def _one() -> int:
+    return 1
