@@ -249,6 +249,9 @@ class Client:
         if self._closed:
             raise RuntimeError("this client is closed")
         eids, single = ids or self._targets(targets)
+        # After this client's .remote() calls made before (sent by the dispatcher's thread):
+        # an engine runs one client's commands in the order they were made, whatever API.
+        self._dispatcher.flush(timeout)
         cmd_ids = {eid: self._new_id() for eid in eids}
         pending = self._pending(op, cmd_ids, single=single, finalize=finalize)
         for eid, cmd_id in cmd_ids.items():

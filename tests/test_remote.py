@@ -289,6 +289,29 @@ def test_queue_status_and_clear_queue_see_the_calls_made_before(
     assert held.result(timeout=WAIT) is None
 
 
+def test_a_direct_command_runs_after_the_remote_calls_made_before(
+        rc, gates, monkeypatch, r, server_url) -> None:
+    """One client's commands to one engine run in the order they were made, whether they
+    went through the sender thread (.remote()) or were sent at once (execute, apply...)."""
+    key = f"test:order:{os.getpid()}:{time.monotonic_ns()}"
+    g = gates()
+    held = g.hold(rc, 0)
+    send = rc._dispatcher._send
+
+    def slow_send(batch):  # a sender that is late, as on a loaded machine
+        time.sleep(0.3)
+        send(batch)
+    monkeypatch.setattr(rc._dispatcher, "_send", slow_send)
+    first = mark.options(engine=0).remote(server_url, key)
+    second = rc.execute(f"__import__('redis').Redis.from_url({server_url!r})"
+                        f".rpush({key!r}, 'execute')", targets=0, block=False)
+    g.open()
+    assert first.result(timeout=WAIT) == () and second.result(timeout=WAIT) is None
+    assert held.result(timeout=WAIT) is None
+    assert r.lrange(key, 0, -1) == [b"ran", b"execute"]
+    r.delete(key)
+
+
 def test_remote_exception_keeps_its_class(rc, cluster) -> None:
     f = boom.remote()
     try:
