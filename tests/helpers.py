@@ -5,6 +5,7 @@ The ``gates`` fixture (a factory of :class:`Gate`) is in ``conftest.py``.
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -53,6 +54,13 @@ def interactive(obj: T) -> T:
                 except (AttributeError, TypeError):
                     pass
     return obj
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` that gives the child the default SIGINT: a process started from a
+    background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
+    (tests that press Ctrl-C in a child would fail for how the suite was started)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Gate:

@@ -15,7 +15,7 @@ import redis
 import redisengines
 from redisengines import EngineShutdownError, ProtocolError
 
-from .helpers import wait_until
+from .helpers import default_sigint, wait_until
 
 LONG = "import time; time.sleep(60)"
 
@@ -143,7 +143,7 @@ def test_ctrl_c_in_the_owning_script_stops_everything(tmp_path) -> None:
             time.sleep(60)
     """))
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         pids = json.loads(owner.stdout.readline())
         owner.send_signal(signal.SIGINT)

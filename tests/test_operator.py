@@ -32,7 +32,7 @@ from redisengines.overview import chunk_lines, gather, size_text
 from redisengines.server import EmbeddedServer
 
 from .conftest import FAST
-from .helpers import WAIT, interactive, wait_until
+from .helpers import WAIT, default_sigint, interactive, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -107,7 +107,7 @@ class Reader:
 
 def popen(*args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, preexec_fn=default_sigint)
 
 
 # ------------------------------------------------------------------------------ status
