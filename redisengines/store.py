@@ -41,6 +41,10 @@ def plan_pages(lengths: list[int], page_size: int) -> list[tuple[int, int, int]]
     return pages
 
 
+# The frame of ``None``.
+_NONE_FRAME = pack(serialize(None))
+
+
 class ObjectStore:
     """Reads and writes values for one cluster."""
 
@@ -69,6 +73,8 @@ class ObjectStore:
 
     def encode(self, obj: Any, *, what: str = "object", refs: int | None = None) -> dict[str, Any]:
         """Serialize ``obj``, check its size, and return the message fields that carry it."""
+        if obj is None:  # what most commands return: its frame never changes
+            return {"value": _NONE_FRAME}
         ser = serialize(obj, what=what)
         check_size(ser, self.settings.max_object_size, what=what)
         return self.fields_for(ser, refs=refs)
