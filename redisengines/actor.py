@@ -45,7 +45,14 @@ from . import __version__, signing
 from .checks import eviction_policy, runtime
 from .commands import Namespace, describe
 from .config import Settings
-from .connection import BLOCK_SECONDS, connect, follow_master, lost_master, master_address
+from .connection import (
+    BLOCK_SECONDS,
+    connect,
+    follow_master,
+    lost_master,
+    master_address,
+    read_replies,
+)
 from .errors import ProtocolError, error_record, pickle_exception, system_record
 from .keys import ENGINE_GROUP, Keys
 from .launcher import set_parent_death_signal
@@ -399,7 +406,7 @@ class Engine:
                     # Run the next entry while Redis answers (tasks read meanwhile are given
                     # back if it is slow).
                     held_since = self._run_next(complete, held_since, reading_ahead=taking)
-                replies = _receive(conn, len(commands))
+                replies = read_replies(conn, len(commands))
                 demoted = next((e for e in replies if isinstance(e, Exception)
                                 and lost_master(e)), None)
                 if demoted is not None:  # (a completion is retried: complete.lua is idempotent)
@@ -880,17 +887,6 @@ def _entry(raw: Any) -> tuple[bytes, dict[bytes, bytes] | None]:
     if flat is None:
         return entry_id, None
     return entry_id, dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _receive(conn: Any, n: int) -> list[Any]:
-    """The next ``n`` replies on ``conn``; an error reply comes back as its exception."""
-    replies: list[Any] = []
-    for _ in range(n):
-        try:
-            replies.append(conn.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
 
 
 def _drop_signal_frame(exc: BaseException) -> None:

@@ -195,32 +195,44 @@ def follow_master(*clients: redis.Redis | None) -> bool:
     return moved
 
 
-def send_batch(r: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` in one write on one connection of ``r``'s pool and return their
-    replies, an error reply as its exception (a pipeline without redis-py's per-command
-    work: no command stack, no response callbacks; replies are as the parser gives them).
+def exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` on ``conn`` in one write and return their replies, an error reply
+    as its exception (a pipeline without redis-py's per-command work: no command stack, no
+    response callbacks; replies are as the parser gives them).
 
-    A lost connection is retried with ``r``'s retries, all commands sent again: only for
-    commands that may run twice (our scripts are idempotent per command id).
+    A lost connection is retried with the connection's own retries, all commands sent again
+    (so only for commands that may run twice: reads, and our scripts, idempotent per
+    command id); the reconnection goes to where a sentinel URL's master is now.
     """
-    pool = r.connection_pool
-    conn = pool.get_connection()
-
     def attempt() -> list[Any]:
+        conn.connect()
         conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
+        return read_replies(conn, len(commands))
 
     try:
         return conn.retry.call_with_retry(attempt, lambda *_: conn.disconnect())
     except BaseException:
         conn.disconnect()  # (replies may be left unread on it)
         raise
+
+
+def read_replies(conn: Any, n: int) -> list[Any]:
+    """The next ``n`` replies on ``conn``; an error reply comes back as its exception."""
+    replies: list[Any] = []
+    for _ in range(n):
+        try:
+            replies.append(conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+def send_batch(r: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """:func:`exchange` on a connection of ``r``'s pool."""
+    pool = r.connection_pool
+    conn = pool.get_connection()
+    try:
+        return exchange(conn, commands)
     finally:
         pool.release(conn)
 

@@ -25,6 +25,7 @@ from . import checks
 from .connection import (
     BLOCK_SECONDS,
     connect,
+    exchange,
     follow_master,
     lost_master,
     master_address,
@@ -307,20 +308,6 @@ def completed(op: str, value: Any = None, exc: BaseException | None = None) -> P
     return f
 
 
-def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send ``commands`` on ``conn`` and read their replies, retrying a lost connection with
-    the connection's own retries (it reconnects to where a sentinel URL's master is now)."""
-    def attempt() -> list[Any]:
-        conn.connect()
-        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        return [conn.read_response() for _ in commands]
-    try:
-        return conn.retry.call_with_retry(attempt, lambda *_: conn.disconnect())
-    except BaseException:
-        conn.disconnect()  # (replies may be left unread on it)
-        raise
-
-
 class ReplyListener(threading.Thread):
     """Routes completion notices from ``P:{c<client>}:replies`` to pending results."""
 
@@ -402,7 +389,10 @@ class ReplyListener(threading.Thread):
                 commands.append(("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS",
                                  self.stream, self.events, self._last, self._events_last))
                 sent = time.monotonic()
-                replies = _exchange(conn, commands)
+                replies = exchange(conn, commands)
+                error = next((e for e in replies if isinstance(e, Exception)), None)
+                if error is not None:
+                    raise error
                 if time.monotonic() - sent > block_ms / 1000 + 1.0:
                     self._no_reap_until = time.monotonic() + 2 * interval + 1.0
                 failures = 0
