@@ -181,7 +181,8 @@ class Dispatcher:
                 del self._lanes[lane]
             if self._outbox:
                 self._start_sender()
-                self._wake.set()
+                if not self._wake.is_set():  # (set: the sender is yet to take the outbox,
+                    self._wake.set()         # under this lock, so it takes this call too)
         for pending, exc in failures:
             pending.set_exception(exc)
 
