@@ -9,7 +9,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -61,6 +61,17 @@ def default_sigint() -> None:
     background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     (tests that press Ctrl-C in a child would fail for how the suite was started)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def delay_sender(client: redisengines.Client, monkeypatch: Any, seconds: float) -> None:
+    """Make ``client``'s sender thread (what sends ``.remote()`` calls) wait ``seconds``
+    before each batch, as on a loaded machine: a call is then still unsent for a while."""
+    send = client._dispatcher._send
+
+    def late_send(batch: Any) -> None:
+        time.sleep(seconds)
+        send(batch)
+    monkeypatch.setattr(client._dispatcher, "_send", late_send)
 
 
 class Gate:

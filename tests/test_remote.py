@@ -32,7 +32,7 @@ from redisengines import (
     api,
 )
 
-from .helpers import WAIT, interactive, wait_until
+from .helpers import WAIT, delay_sender, interactive, wait_until
 
 
 # --------------------------------------------------------------------- remote code
@@ -271,12 +271,7 @@ def test_queue_status_and_clear_queue_see_the_calls_made_before(
     the client's next ``queue_status`` and ``clear_queue`` must still see it."""
     g = gates()
     held = g.hold(rc, 0)
-    send = rc._dispatcher._send
-
-    def slow_send(batch):  # a sender that is late, as on a loaded machine
-        time.sleep(0.3)
-        send(batch)
-    monkeypatch.setattr(rc._dispatcher, "_send", slow_send)
+    delay_sender(rc, monkeypatch, 0.3)
     fs = [square.options(engine=0).remote(i) for i in range(3)]
     status = rc.queue_status(targets=0)
     assert (status["queued"], status["running"]) == (3, 1)
@@ -296,12 +291,7 @@ def test_a_direct_command_runs_after_the_remote_calls_made_before(
     key = f"test:order:{os.getpid()}:{time.monotonic_ns()}"
     g = gates()
     held = g.hold(rc, 0)
-    send = rc._dispatcher._send
-
-    def slow_send(batch):  # a sender that is late, as on a loaded machine
-        time.sleep(0.3)
-        send(batch)
-    monkeypatch.setattr(rc._dispatcher, "_send", slow_send)
+    delay_sender(rc, monkeypatch, 0.3)
     first = mark.options(engine=0).remote(server_url, key)
     second = rc.execute(f"__import__('redis').Redis.from_url({server_url!r})"
                         f".rpush({key!r}, 'execute')", targets=0, block=False)

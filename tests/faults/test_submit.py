@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 import redisengines
 from redisengines.protocol import entry
+
+from ..helpers import delay_sender
 
 
 def test_fault_19_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> None:
@@ -53,12 +54,7 @@ def test_fault_40_a_callback_of_a_call_refused_as_full_can_ask_for_the_queue(
     gate = gates()
     held = gate.hold(client, 0)
     queued = client.execute("x = 1", targets=0, block=False)  # the inbox is full now
-    send = client._dispatcher._send
-
-    def late_send(batch):  # so that the callback below is added before the call fails
-        time.sleep(0.2)
-        send(batch)
-    monkeypatch.setattr(client._dispatcher, "_send", late_send)
+    delay_sender(client, monkeypatch, 0.2)  # the callback below is added before it fails
     seen: list[tuple[str, object]] = []
     answered = threading.Event()
 
