@@ -218,8 +218,9 @@ class Dispatcher:
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the calls whose arguments were ready are in Redis (or failed to get
-        there): what a client asks of Redis next (``queue_status``, ``clear_queue``) sees
-        the calls it made before. Calls waiting for their arguments are not waited for.
+        there): what the client sends or asks next (``execute``, ``queue_status``,
+        ``clear_queue``...) comes after the calls it made before. Calls waiting for their
+        arguments are not waited for.
 
         On the sender thread itself (a done-callback of a future it failed) it returns at
         once: that thread cannot wait for its own batch."""
