@@ -32,21 +32,23 @@ _PLAIN_ITEMS = 64  # items looked at in all: past that, cloudpickle without look
 
 
 def _plain(obj: Any) -> bool:
-    todo, seen = [obj], 0
+    todo, budget = [obj], _PLAIN_ITEMS
     while todo:
         item = todo.pop()
-        seen += 1
-        if seen > _PLAIN_ITEMS:
-            return False
         kind = type(item)
         if kind in _SCALARS:
             continue
-        if kind is tuple or kind is list:
-            todo.extend(item)
-        elif kind is dict and all(type(k) is str for k in item):
+        if kind is not tuple and kind is not list and kind is not dict:
+            return False
+        budget -= len(item)  # (before looking inside: a long list costs nothing to refuse)
+        if budget < 0:
+            return False
+        if kind is dict:
+            if not all(type(k) is str for k in item):
+                return False
             todo.extend(item.values())
         else:
-            return False
+            todo.extend(item)
     return True
 
 
