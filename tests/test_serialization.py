@@ -103,3 +103,22 @@ def test_values_that_are_not_plain_go_by_value() -> None:
         back = unpack(pack(serialize(value)))
         assert type(back) is type(value)
     assert unpack(pack(serialize([local])))[0](1) == 2
+
+
+def test_a_long_list_is_refused_as_plain_without_being_copied() -> None:
+    """The plain check looks at 64 items in all: a long list is refused by its length, not
+    copied item by item onto a work list first (which took 300 ms for 10,000,000 items)."""
+    import tracemalloc
+
+    from redisengines.serialization import _plain
+
+    long = list(range(1_000_000))
+    tracemalloc.start()
+    try:
+        assert _plain([1, long]) is False
+        assert _plain({"a": long}) is False
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, f"the check allocated {peak:,} bytes"
+    assert _plain([0] * 64) is True and _plain([0] * 65) is False
