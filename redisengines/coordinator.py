@@ -358,11 +358,8 @@ class Client:
         """Message fields carrying ``obj`` (or its ``ser``) to ``n`` engines, written once."""
         if ser is None:
             ser = self._serialized(obj, what)
-        if ser.nbytes <= self.store.settings.inline_max:  # (nothing to write: no Redis error)
+        with translate_errors(what):
             fields = self.store.fields_for(ser, refs=n)
-        else:
-            with translate_errors(what):
-                fields = self.store.fields_for(ser, refs=n)
         fields["size"] = ser.nbytes
         return fields
 
