@@ -8,7 +8,9 @@ Two threads, two connections:
   pipelined with ``take.lua``, which reads the next entries without blocking; only an idle
   engine blocks, in XREADGROUP. Under a load of short commands it takes several entries
   per read and sends their completions together (:class:`_Pace`); tasks taken behind a
-  command that turns out slow go back to ``P:tasks`` (``give_back.lua``);
+  command that turns out slow go back to ``P:tasks`` (``give_back.lua``). While a command
+  that waits (sleeps, does I/O) runs, the round trip that goes with it is sent and read by
+  a helper thread (:class:`_Courier`), which then has the CPU to itself;
 * the control thread renews the heartbeat lease, publishes the engine's state, keeps the
   namespace index up to date, and serves ``P:{e<id>}:ctl`` (``kill``, ``interrupt``) even
   while the main thread is busy.
@@ -26,9 +28,11 @@ incarnation, which registers again under a new id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -47,6 +51,7 @@ from .commands import Namespace, describe
 from .config import Settings
 from .connection import (
     BLOCK_SECONDS,
+    SOCKET_TIMEOUT,
     connect,
     follow_master,
     lost_master,
@@ -80,6 +85,9 @@ TAKE_MAX = 32
 FLUSH_AFTER = 0.002
 # A command still running after this long gives the tasks taken behind it back to P:tasks.
 GIVE_BACK_AFTER = 0.02
+# Commands that take at least this long and mostly wait (sleep, I/O, native code that lets go
+# of the GIL) have the round trip that runs with them sent and read by a helper thread.
+OVERLAP_AFTER = 0.001
 
 
 class _Shutdown(BaseException):
@@ -122,6 +130,7 @@ class Engine:
         self._interrupt: tuple[str, str] | None = None  # (command id, why) of our own SIGINT
         self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted before they started
         self._pace = _Pace()
+        self._courier = _Courier()
         # Entries read but not yet run (tasks first), each (stream, entry id, fields, status
         # of a task's result when take.lua read it, else None). The main thread runs them;
         # the watchdog may give the tasks back (_give_back). Under _ready_lock (its own lock:
@@ -324,6 +333,7 @@ class Engine:
         try:
             self._loop(conn)
         finally:
+            self._courier.settle()  # (a round it was sending when the loop left)
             self._loop_r.connection_pool.release(conn)
 
     def _loop(self, conn: Any) -> None:
@@ -398,15 +408,21 @@ class Engine:
                                  "STREAMS", inbox, tasks, cursor, cursor))
             complete, acks = [], []
             try:
-                # (a dropped connection reconnects here: for a sentinel URL, to the master
-                # the sentinels name now; a send would reconnect to the old address)
-                conn.connect()
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
                 if ready and not stopping and (taking or not reading):
                     # Run the next entry while Redis answers (tasks read meanwhile are given
-                    # back if it is slow).
-                    held_since = self._run_next(complete, held_since, reading_ahead=taking)
-                replies = read_replies(conn, len(commands))
+                    # back if it is slow). While a command that waits runs, a helper thread
+                    # sends and reads: on a machine with few cores this thread would lose the
+                    # CPU, between two commands, to the Redis server its send wakes.
+                    if self._pace.waits():
+                        self._courier.stage(conn, commands)  # (sent when the command starts)
+                        held_since = self._run_next(complete, held_since, reading_ahead=taking)
+                        replies = self._courier.replies()
+                    else:
+                        _send(conn, commands)
+                        held_since = self._run_next(complete, held_since, reading_ahead=taking)
+                        replies = read_replies(conn, len(commands))
+                else:
+                    replies = _exchange(conn, commands)
                 demoted = next((e for e in replies if isinstance(e, Exception)
                                 and lost_master(e)), None)
                 if demoted is not None:  # (a completion is retried: complete.lua is idempotent)
@@ -508,7 +524,7 @@ class Engine:
             behind = reading_ahead or any(e[0] == tasks for e in self._ready)
             if stream == tasks:
                 self._keep.add(entry_id.decode())
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.thread_time()
         if not complete:
             held_since = began
         if behind:  # if this one is slow, the tasks behind it go to an idle engine
@@ -516,7 +532,7 @@ class Engine:
         complete.append(self._run(stream, entry_id.decode(), fields, status))
         if behind:
             self._watchdog.disarm("give_back")
-        self._pace.ran(time.monotonic() - began)
+        self._pace.ran(time.monotonic() - began, time.thread_time() - cpu)
         return held_since
 
     def _forget_ready(self) -> None:
@@ -599,6 +615,7 @@ class Engine:
         err = Capture("stderr", cmd.id, output, self._pump)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
+        self._courier.go()
         self._executing = True
         if limit is not None:
             self._watchdog.arm(("limit", cmd.id), limit,
@@ -854,11 +871,18 @@ class _Pace:
     """
 
     def __init__(self) -> None:
-        # What a command takes, as far as we know: nothing yet, so slow (no read-ahead).
+        # What a command takes, as far as we know: nothing yet, so slow (no read-ahead);
+        # and the share of that time it keeps the CPU: all of it.
         self.seconds = GIVE_BACK_AFTER
+        self.busy = 1.0
 
-    def ran(self, seconds: float) -> None:
+    def ran(self, seconds: float, cpu: float) -> None:
         self.seconds = seconds if seconds > self.seconds else 0.8 * self.seconds + 0.2 * seconds
+        self.busy = 0.8 * self.busy + 0.2 * min(1.0, cpu / seconds if seconds > 0 else 1.0)
+
+    def waits(self) -> bool:
+        """Recent commands took a while and mostly waited, not computed."""
+        return self.seconds >= OVERLAP_AFTER and self.busy < 0.5
 
     def count(self) -> int:
         return max(1, min(TAKE_MAX, int(TAKE_BUDGET / max(self.seconds, 1e-6))))
@@ -866,6 +890,89 @@ class _Pace:
     @staticmethod
     def flush_due(held: int, since: float) -> bool:
         return held >= TAKE_MAX or time.monotonic() - since >= FLUSH_AFTER
+
+
+def _send(conn: Any, commands: list[tuple[Any, ...]]) -> None:
+    # (a dropped connection reconnects here: for a sentinel URL, to the master the
+    # sentinels name now; a send would reconnect to the old address)
+    conn.connect()
+    conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+
+def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    _send(conn, commands)
+    return read_replies(conn, len(commands))
+
+
+class _Courier:
+    """Sends a round of commands and reads its replies on a thread of its own, while the
+    main thread runs a command: ``stage`` the round, ``go`` as the command starts (so that
+    its thread wakes once this one has nothing left to do but wait), then ``replies``. One
+    round at a time; the connection is the courier's from ``go`` until ``replies`` (or
+    ``settle``) returns."""
+
+    # A round ends within the socket timeouts (a connect, then each reply); past this its
+    # thread is presumed stuck and the round lost (what it brings back later is dropped).
+    WAIT = 5.0 + SOCKET_TIMEOUT * 2
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[int, Any, list[tuple[Any, ...]]]] = \
+            queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # (main thread only) the round staged; the number of the last one sent, and whether
+        # it is still under way
+        self._staged: tuple[Any, list[tuple[Any, ...]]] | None = None
+        self._sent = 0
+        self._out = False
+
+    def stage(self, conn: Any, commands: list[tuple[Any, ...]]) -> None:
+        self._staged = (conn, commands)
+
+    def go(self) -> None:
+        """Send the round staged, if any."""
+        if self._staged is None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="re-courier", daemon=True)
+            self._thread.start()
+        self._sent += 1
+        self._out = True
+        self._jobs.put((self._sent, *self._staged))
+        self._staged = None
+
+    def replies(self) -> list[Any]:
+        """The round's replies (an error reply as its exception); raises what the round
+        raised (a lost connection, a timeout)."""
+        self.go()  # (no command ran: the entry was bad, aborted, or given back)
+        deadline = time.monotonic() + self.WAIT
+        n = -1
+        while n != self._sent:
+            try:
+                n, ok, value = self._done.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._out = False
+                raise redis.TimeoutError(f"no reply from Redis in {self.WAIT:g} s") from None
+        self._out = False
+        if not ok:
+            raise value
+        return value
+
+    def settle(self) -> None:
+        """Drop the round staged; wait for the one under way, if any, to end, and drop
+        what it got."""
+        self._staged = None
+        if self._out:
+            with contextlib.suppress(Exception):
+                self.replies()
+
+    def _serve(self) -> None:
+        while True:
+            n, conn, commands = self._jobs.get()
+            try:
+                self._done.put((n, True, _exchange(conn, commands)))
+            except BaseException as exc:  # noqa: B036 - handed to the main thread
+                self._done.put((n, False, exc))
 
 
 def parse_faultpoints(spec: str) -> dict[str, str]:

@@ -154,6 +154,22 @@ def test_ctrl_c_in_the_owning_script_stops_everything(tmp_path) -> None:
         owner.kill()
 
 
+def test_pace_overlaps_round_trips_only_behind_commands_that_wait() -> None:
+    from redisengines.actor import _Pace
+    pace = _Pace()
+    assert not pace.waits()  # nothing known yet
+    for _ in range(5):
+        pace.ran(0.01, 0.0002)  # slept
+    assert pace.waits()
+    for _ in range(5):
+        pace.ran(0.01, 0.0098)  # computed
+    assert not pace.waits()
+    short = _Pace()
+    for _ in range(50):
+        short.ran(0.0002, 0.0)  # waited, but too briefly to hide a round trip
+    assert not short.waits()
+
+
 def test_faultpoint_spec_is_checked() -> None:
     from redisengines.actor import parse_faultpoints
     assert parse_faultpoints("after_read:kill, before_ack:hang") == {

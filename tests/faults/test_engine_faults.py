@@ -158,7 +158,18 @@ def _first_run_blocks(url, key, gate):
     return os.getpid()
 
 
+def _nap_mark(url, key, i):
+    """Waits 5 ms, then records that it ran: ``i`` on ``key``; returns ``i``."""
+    import time
+
+    import redis
+    time.sleep(0.005)
+    redis.Redis.from_url(url).rpush(key, i)
+    return i
+
+
 mark_fn = redisengines.remote(interactive(_mark_fn))
+nap_mark = redisengines.remote(interactive(_nap_mark))
 poison = redisengines.remote(interactive(_poison))
 first_run_blocks = redisengines.remote(interactive(_first_run_blocks))
 
@@ -662,6 +673,34 @@ def test_fault_21_engine_connection_killed(cluster, client, r, server_url, clust
     assert client.pull("after", targets=0, timeout=WAIT) == 1
     assert client.queue_status(targets=0)["running"] == 0
     assert client.ids == [0, 1]
+
+
+def test_fault_21_connection_killed_while_commands_that_wait_run(cluster, client, r,
+                                                                 server_url,
+                                                                 cluster_name) -> None:
+    """Behind commands that wait, an engine's round trips (completing one, reading the next)
+    go out on a helper thread while the next one runs. CLIENT KILL of the engines'
+    connections, again and again during a run of them, loses nothing: every call returns
+    its value, and ran once."""
+    threads = "import threading\nnames = [t.name for t in threading.enumerate()]"
+    client.execute(threads, targets=[0, 1])
+    assert not any("re-courier" in client.pull("names", targets=e) for e in (0, 1))
+    ran, n = _new_key(), 300
+    f = nap_mark.options(client=client)
+    calls = [f.remote(server_url, ran, i) for i in range(n)]
+    loops = {f"re:{cluster_name}:e{e}:loop" for e in (0, 1)}
+    kills = 0
+    while kills < 8 and not calls[-1].done():
+        for c in r.client_list():
+            if c["name"] in loops:
+                r.execute_command("CLIENT", "KILL", "ID", c["id"])
+                kills += 1
+        time.sleep(0.05)
+    assert kills >= 2
+    assert redisengines.get(calls, timeout=WAIT) == list(range(n))
+    assert sorted(int(i) for i in r.lrange(ran, 0, -1)) == list(range(n))  # each ran once
+    client.execute(threads, targets=[0, 1])
+    assert all("re-courier" in client.pull("names", targets=e) for e in (0, 1))
 
 
 # --------------------------------------------------------------------------- #39
