@@ -346,9 +346,9 @@ class Engine:
         inbox, tasks = self.keys.inbox(self.id), self.keys.tasks
         consumer = f"e{self.id}"
         block_ms = int(BLOCK_SECONDS * 1000)
-        # Completions of commands that ran and are not confirmed yet (complete.lua's
-        # arguments), and when the oldest of them finished.
-        complete: list[list[Any]] = []
+        # Completions of commands that ran and are not confirmed yet, and when the oldest of
+        # them finished.
+        complete: list[_Completion] = []
         held_since = 0.0
         acks: list[tuple[str, bytes]] = []  # entries deleted while pending, to acknowledge
         cursor = "0"  # our own delivered-but-unfinished entries first, then new ones
@@ -392,9 +392,9 @@ class Engine:
             taking = reading and cursor != "0" and not idle
             count = self._pace.count()
             sent = complete
-            commands: list[tuple[Any, ...]] = [
+            commands: list[Any] = [
                 ("XACK", stream, ENGINE_GROUP, entry_id) for stream, entry_id in acks]
-            commands += [("EVALSHA", self.scripts.complete.sha, 5, *args) for args in sent]
+            commands += [c.command for c in sent]  # (made as sent: see _Completion)
             # Reading ahead (taking, with an entry left to run) takes no command of our inbox:
             # one queued behind the command running stays "not started" (started=False) if
             # this engine dies meanwhile.
@@ -455,7 +455,7 @@ class Engine:
                     if oom == 1:
                         log.warning("engine %d: Redis is out of memory; keeping the result of "
                                     "%s and retrying until it can be stored", self.id,
-                                    ", ".join(str(args[6]) for args in complete))
+                                    ", ".join(c.cmd_id for c in complete))
                     time.sleep(min(1.0, 0.05 * 2 ** oom))
                     cursor = "0"
                     self._forget_ready()
@@ -468,7 +468,7 @@ class Engine:
                     return
                 oom = 0
                 with self._ready_lock:
-                    self._keep.difference_update(args[5] for args in sent if args[0] == tasks)
+                    self._keep.difference_update(c.entry_id for c in sent if c.stream == tasks)
             if stopping:
                 continue  # (what ran meanwhile is completed next round, then we stop)
             if reading:
@@ -511,7 +511,7 @@ class Engine:
                 if not got and cursor == "0":
                     cursor = ">"
 
-    def _run_next(self, complete: list[list[Any]], held_since: float,
+    def _run_next(self, complete: list[_Completion], held_since: float,
                   reading_ahead: bool = False) -> float:
         """Run the next entry read; its completion joins ``complete``. Returns when the
         oldest completion held was made. ``reading_ahead``: a read is under way, whose tasks
@@ -571,9 +571,9 @@ class Engine:
             self._ready.extend(kept)
 
     def _run(self, stream: str, entry_id: str, fields: dict[bytes, bytes],
-             status: bytes | None = None) -> list[Any]:
-        """Run one entry; returns the arguments of ``complete.lua``. ``status``: that of the
-        entry's result if already read (take.lua), else None."""
+             status: bytes | None = None) -> _Completion:
+        """Run one entry; returns its completion. ``status``: that of the entry's result if
+        already read (take.lua), else None."""
         self.seq += 1
         started = time.time()
         if self._faults:
@@ -591,8 +591,8 @@ class Engine:
             # Stored under its own key: the id it claims may name someone else's result
             # (a replay), which must not be overwritten. The named client is still told.
             invalid = f"invalid-{self.id}-{entry_id}"  # entry ids repeat across streams
-            return self._complete_args(stream, entry_id, cmd_id or invalid, client, "invalid",
-                                       result, started, result_key=self.keys.result(invalid))
+            return self._completion(stream, entry_id, cmd_id or invalid, client, "invalid",
+                                    result, started, result_key=self.keys.result(invalid))
         try:
             limit = float(cmd.fields[b"tl"]) if b"tl" in cmd.fields else None
         except ValueError:
@@ -607,9 +607,8 @@ class Engine:
             record = system_record("CancelledError", f"{cmd.op} {cmd.id} was aborted before it "
                                    f"started on engine {self.id}", engine_id=self.id,
                                    cmd_id=cmd.id)
-            return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op,
-                                       {"status": "error", "error": json.dumps(record)},
-                                       started)
+            return self._completion(stream, entry_id, cmd.id, cmd.client, cmd.op,
+                                    {"status": "error", "error": json.dumps(record)}, started)
         output = self.keys.output(self.id)
         out = Capture("stdout", cmd.id, output, self._pump)
         err = Capture("stderr", cmd.id, output, self._pump)
@@ -650,7 +649,7 @@ class Engine:
             result["code"] = cmd.fields.get(b"code", b"")
         if self._faults:
             self._faultpoint("before_ack")
-        return self._complete_args(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
+        return self._completion(stream, entry_id, cmd.id, cmd.client, cmd.op, result, started)
 
     def _authenticate(self, stream: str, fields: dict[bytes, bytes],
                       status: bytes | None = None) -> None:
@@ -696,24 +695,16 @@ class Engine:
                                op=cmd.op, time_limit=limit, traceback=tb)
         return {"status": "error", "error": json.dumps(record)}
 
-    def _complete_args(self, stream: str, entry_id: str, cmd_id: str, client: str | None,
-                       op: str, result: dict[str, Any], started: float,
-                       result_key: str | None = None) -> list[Any]:
+    def _completion(self, stream: str, entry_id: str, cmd_id: str, client: str | None,
+                    op: str, result: dict[str, Any], started: float,
+                    result_key: str | None = None) -> _Completion:
         result.update(engine=self.id, op=op, started=started, finished=time.time())
-        result_key = result_key or self.keys.result(cmd_id)
-        if self.store.signer is not None:
-            self.store.signer.sign(result, result_key, stamp=False, skip=signing.RESULT)
-        flat: list[Any] = []
-        size = 0
-        for k, v in result.items():
-            flat += [k, v]
-            size += len(v) if isinstance(v, (bytes, str)) else 8
-        notify = 0 if client is None else (1 if size <= _NOTICE_INLINE_MAX else 2)
         keys = self.keys
-        return [stream, keys.fenced(self.id), keys.done(self.id),
-                result_key, keys.replies(client or "-"),
-                entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
-                notify, op, result["status"], *flat]
+        return _Completion(self.scripts.complete.sha, self.store.signer, client is not None, [
+            stream, keys.fenced(self.id), keys.done(self.id),
+            result_key or keys.result(cmd_id), keys.replies(client or "-"),
+            entry_id, cmd_id, self.seq, self._result_ttl_ms(), self.settings.done_history,
+        ], result)
 
     # ------------------------------------------------------------------ control thread
     def _control_loop(self, fence: threading.Event, engine_id: int,
@@ -892,14 +883,49 @@ class _Pace:
         return held >= TAKE_MAX or time.monotonic() - since >= FLUSH_AFTER
 
 
-def _send(conn: Any, commands: list[tuple[Any, ...]]) -> None:
+class _Completion:
+    """The call of ``complete.lua`` for one command that ran. Its result is signed and
+    flattened (what costs) when the call is made, as it is sent: behind a command that
+    waits, on the courier's thread. Made once: a completion sent again is the same."""
+
+    __slots__ = ("_sha", "_signer", "_notify", "_head", "_result", "_args")
+
+    def __init__(self, sha: str, signer: signing.Signer | None, notify: bool,
+                 head: list[Any], result: dict[str, Any]) -> None:
+        self._sha, self._signer, self._notify = sha, signer, notify
+        self._head, self._result = head, result  # head: complete.lua's first arguments
+        self._args: tuple[Any, ...] | None = None
+
+    stream = property(lambda self: self._head[0])
+    entry_id = property(lambda self: self._head[5])
+    cmd_id = property(lambda self: self._head[6])
+
+    def command(self) -> tuple[Any, ...]:
+        if self._args is None:
+            result = self._result
+            if self._signer is not None:
+                self._signer.sign(result, self._head[3], stamp=False, skip=signing.RESULT)
+            flat: list[Any] = []
+            size = 0
+            for k, v in result.items():
+                flat += [k, v]
+                size += len(v) if isinstance(v, (bytes, str)) else 8
+            notify = 0 if not self._notify else (1 if size <= _NOTICE_INLINE_MAX else 2)
+            self._args = ("EVALSHA", self._sha, 5, *self._head, notify, result["op"],
+                          result["status"], *flat)
+        return self._args
+
+
+def _send(conn: Any, commands: list[Any]) -> None:
+    """Send ``commands``, each a tuple or a callable that makes it (a completion)."""
     # (a dropped connection reconnects here: for a sentinel URL, to the master the
     # sentinels name now; a send would reconnect to the old address)
     conn.connect()
-    conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+    conn.send_packed_command(conn.pack_commands([c() if callable(c) else c for c in commands]),
+                             check_health=False)
 
 
-def _exchange(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+def _exchange(conn: Any, commands: list[Any]) -> list[Any]:
     _send(conn, commands)
     return read_replies(conn, len(commands))
 
@@ -916,17 +942,16 @@ class _Courier:
     WAIT = 5.0 + SOCKET_TIMEOUT * 2
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[tuple[int, Any, list[tuple[Any, ...]]]] = \
-            queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, Any, list[Any]]] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # (main thread only) the round staged; the number of the last one sent, and whether
         # it is still under way
-        self._staged: tuple[Any, list[tuple[Any, ...]]] | None = None
+        self._staged: tuple[Any, list[Any]] | None = None
         self._sent = 0
         self._out = False
 
-    def stage(self, conn: Any, commands: list[tuple[Any, ...]]) -> None:
+    def stage(self, conn: Any, commands: list[Any]) -> None:
         self._staged = (conn, commands)
 
     def go(self) -> None:
