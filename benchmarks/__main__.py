@@ -85,9 +85,11 @@ from benchmarks.common import (
     total_rss_mb,
 )
 from benchmarks.peers import MODULES, PEERS
+from redisengines.pagereader import allocate
 from redisengines.server import EmbeddedServer, find_server_binary
 
 RAW = "redis-py"  # the raw baselines' system
+MACHINE = "machine"  # what the machine allows without Redis (no version)
 VERSION = redisengines.__version__
 PEER_TIMEOUT = {True: 600.0, False: 3600.0}  # seconds a peer's process may take (quick, full)
 SOAK_BATCH = 1000  # the soak's calls are submitted this many at a time, then waited for
@@ -239,7 +241,40 @@ def w3(st: Setup, s: Sizes) -> list[Result]:
         gets.append(median("W3", RAW, f"get.{t}",
                            f"{t}: GET 4 MiB pages, {GET_BATCH} per pipeline",
                            gbps(raw["get"]), "GB/s", vs=f"pull.{t}"))
-    return out + [max(gets, key=lambda r: r.value or 0.0)]  # GET packs no payload: the best
+    out.append(max(gets, key=lambda r: r.value or 0.0))  # GET packs no payload: the best
+    return out + (fresh_memory(arr, s) if t == "unix" else [])  # (the machine's: once)
+
+
+def fresh_memory(arr: Any, s: Sizes) -> list[Result]:
+    """GB/s of copying ``arr`` into a buffer just allocated (as a pull or an engine reads
+    pages into one), right after freeing a buffer as large, and ``s.reclaim_wait`` seconds
+    after: a virtual machine may hand freed memory back to its host (free page reporting),
+    and touching it again then costs more than the copy. Every transfer of W3 and W4 lands
+    in memory fresh to some process (the server's, an engine's, the client's)."""
+    src = memoryview(arr).cast("B")
+
+    def fill() -> float:
+        t0 = time.perf_counter()
+        buf = allocate(src.nbytes)
+        memoryview(buf)[:] = src
+        took = time.perf_counter() - t0
+        del buf
+        return took
+
+    fill()
+    soon, later = [], []
+    for _ in range(s.runs):
+        soon.append(fill())
+        time.sleep(s.reclaim_wait)
+        later.append(fill())
+    gb = arr.nbytes / 1e9
+    mb = f"{arr.nbytes / 1e6:,.0f} MB"
+    return [median("W3", MACHINE, "fresh.soon",
+                   f"copy {mb} into fresh memory, right after freeing as much",
+                   [gb / x for x in soon], "GB/s"),
+            median("W3", MACHINE, "fresh.later",
+                   f"the same, {s.reclaim_wait:g} s after freeing as much",
+                   [gb / x for x in later], "GB/s")]
 
 
 def w4(st: Setup, s: Sizes) -> list[Result]:
@@ -437,7 +472,7 @@ def header(m: dict[str, Any], s: Sizes) -> list[str]:
 
 
 def rank(r: Result) -> int:
-    return 0 if r.system == OURS else 1 if r.system == RAW else 2
+    return 0 if r.system == OURS else 1 if r.system in (RAW, MACHINE) else 2
 
 
 def rows(results: list[Result]) -> Iterator[tuple[str, list[list[str]]]]:
@@ -449,7 +484,7 @@ def rows(results: list[Result]) -> Iterator[tuple[str, list[list[str]]]]:
             continue
         out = []
         for r in figs:
-            system = r.system if r.system in (OURS, RAW) or not r.version else \
+            system = r.system if r.system in (OURS, RAW, MACHINE) or not r.version else \
                 f"{r.system} {r.version}"
             if r.value is None:
                 out.append([system, r.label, "failed", "", "", r.error or ""])
@@ -617,7 +652,8 @@ def run_ours(s: Sizes, only: list[str], emit: Any) -> None:
     def section(w: str, fn: Any, *a: Any) -> None:
         progress(f"redisengines: {WORKLOADS[w]}{' over ' + a[0].transport if a else ''}")
         for r in fn(*a, s):
-            r.version = r.version or (VERSION if r.system == OURS else redis.__version__)
+            if r.system != MACHINE:
+                r.version = r.version or (VERSION if r.system == OURS else redis.__version__)
             emit(r)
 
     # First, in a process that has measured nothing yet: memory, then starts and stops.

@@ -47,6 +47,7 @@ class Sizes:
     sleep: float  # W6 seconds per call
     soak: int  # memory: calls between the two RSS readings
     pending: int  # memory: futures held pending
+    reclaim_wait: float  # W3: seconds between freeing memory and touching fresh memory again
 
     @property
     def ideal_sleep_wall(self) -> float:
@@ -55,9 +56,10 @@ class Sizes:
 
 
 FULL = Sizes(samples=300, warmup=30, calls=5000, runs=3, nbytes=100 * MB, elements=10_000_000,
-             starts=5, sleeps=400, sleep=0.01, soak=100_000, pending=10_000)
+             starts=5, sleeps=400, sleep=0.01, soak=100_000, pending=10_000,
+             reclaim_wait=3.0)
 QUICK = Sizes(samples=20, warmup=3, calls=200, runs=1, nbytes=1 * MB, elements=100_000,
-              starts=1, sleeps=20, sleep=0.01, soak=500, pending=200)
+              starts=1, sleeps=20, sleep=0.01, soak=500, pending=200, reclaim_wait=0.0)
 
 
 # --------------------------------------------------------------------------- results
@@ -66,7 +68,7 @@ class Result:
     """One figure of the runner: a median (or a single derived value) of one system."""
 
     workload: str  # a key of WORKLOADS
-    system: str  # "redisengines", "redis-py" (raw baseline), or a peer's name
+    system: str  # "redisengines", "redis-py" (raw baseline), "machine", or a peer's name
     metric: str  # stable id within the workload, e.g. "execute.tcp"
     label: str  # what a human reads in the table
     value: float | None  # None: failed

@@ -92,7 +92,8 @@ RUNNER_EXPECTED = {
            for m in ("execute", "apply", "actor", "function", "ping", "pingpong")],
     "W2": [f"{m}.{t}" for t in ("tcp", "unix") for m in ("function", "actor", "xadd")],
     "W3": [f"{m}.{t}" for t in ("tcp", "unix")
-           for m in ("push", "pull", "push2", "set.python", "get")],
+           for m in ("push", "pull", "push2", "set.python", "get")]
+    + ["fresh.soon", "fresh.later"],  # the machine's own, once
     "W4": ["scatter_sum"],
     "W5": ["start", "stop"],
     "W6": ["wall", "efficiency"],
@@ -113,7 +114,7 @@ def run_runner(tmp_path: Path, *args: str, timeout: float) -> tuple[str, list[di
     for r in records:
         assert {"workload", "system", "metric", "label", "unit", "n", "machine"} <= set(r), r
         assert {"cpus", "python", "valkey"} <= set(r["machine"]), r
-        if r["system"] in ("redisengines", "redis-py"):
+        if r["system"] in ("redisengines", "redis-py", "machine"):
             assert "error" not in r, r
             assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), r
             if not r["metric"].startswith(("soak.growth", "pending.rss")):  # may be <= 0
