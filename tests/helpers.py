@@ -6,6 +6,7 @@ The ``gates`` fixture (a factory of :class:`Gate`) is in ``conftest.py``.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -64,14 +65,17 @@ def default_sigint() -> None:
 
 
 def delay_sender(client: redisengines.Client, monkeypatch: Any, seconds: float) -> None:
-    """Make ``client``'s sender thread (what sends ``.remote()`` calls) wait ``seconds``
-    before each batch, as on a loaded machine: a call is then still unsent for a while."""
-    send = client._dispatcher._send
+    """Make ``client``'s sender thread (what sends ``.remote()`` calls that do not come
+    alone) wait ``seconds`` before each batch, as on a loaded machine: such a call is then
+    still unsent for a while. A caller sending its own call is not delayed."""
+    dispatcher = client._dispatcher
+    send = dispatcher._send
 
     def late_send(batch: Any) -> None:
-        time.sleep(seconds)
+        if threading.current_thread() is dispatcher._sender:
+            time.sleep(seconds)
         send(batch)
-    monkeypatch.setattr(client._dispatcher, "_send", late_send)
+    monkeypatch.setattr(dispatcher, "_send", late_send)
 
 
 class Gate:

@@ -267,8 +267,9 @@ def test_options_do_not_change_the_original(rc, cluster, gates) -> None:
 
 def test_queue_status_and_clear_queue_see_the_calls_made_before(
         rc, gates, monkeypatch) -> None:
-    """``.remote()`` returns before its call is in Redis (a sender thread sends batches):
-    the client's next ``queue_status`` and ``clear_queue`` must still see it."""
+    """A ``.remote()`` call that does not come alone returns before it is in Redis (a sender
+    thread sends batches): the client's next ``queue_status`` and ``clear_queue`` must
+    still see it."""
     g = gates()
     held = g.hold(rc, 0)
     delay_sender(rc, monkeypatch, 0.3)
@@ -290,9 +291,10 @@ def test_a_direct_command_runs_after_the_remote_calls_made_before(
     went through the sender thread (.remote()) or were sent at once (execute, apply...)."""
     key = f"test:order:{os.getpid()}:{time.monotonic_ns()}"
     g = gates()
-    held = g.hold(rc, 0)
+    held = block.options(engine=0).remote(server_url, g.started_key, g.open_key)
+    g.wait_started()
     delay_sender(rc, monkeypatch, 0.3)
-    first = mark.options(engine=0).remote(server_url, key)
+    first = mark.options(engine=0).remote(server_url, key)  # (not alone: the sender's)
     second = rc.execute(f"__import__('redis').Redis.from_url({server_url!r})"
                         f".rpush({key!r}, 'execute')", targets=0, block=False)
     g.open()
@@ -300,6 +302,25 @@ def test_a_direct_command_runs_after_the_remote_calls_made_before(
     assert held.result(timeout=WAIT) is None
     assert r.lrange(key, 0, -1) == [b"ran", b"execute"]
     r.delete(key)
+
+
+def test_a_lone_call_is_in_redis_when_remote_returns(rc, gates, monkeypatch, r) -> None:
+    """A call made while no other call of the client is unsettled is sent by its caller:
+    once ``.remote()`` returns it is queued, whatever the sender thread is doing. One made
+    while another is unsettled is left to the sender (batched with the rest of a burst)."""
+    g = gates()
+    held = g.hold(rc, 0)  # (an execute: not a call of the dispatcher)
+    delay_sender(rc, monkeypatch, 2.0)
+    inbox = rc.schema.inbox(0)
+    queued = r.xlen(inbox)  # (the held command's entry stays until it is done)
+    first = square.options(engine=0).remote(3)
+    assert r.xlen(inbox) == queued + 1
+    second = square.options(engine=0).remote(4)
+    assert r.xlen(inbox) == queued + 1  # still with the (delayed) sender
+    g.open()
+    assert redisengines.get([first, second], timeout=WAIT) == [9, 16]
+    assert held.result(timeout=WAIT) is None
+    assert square.options(engine=0).remote(5).result(timeout=WAIT) == 25  # alone again
 
 
 def test_remote_exception_keeps_its_class(rc, cluster) -> None:

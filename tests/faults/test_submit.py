@@ -9,7 +9,7 @@ import pytest
 import redisengines
 from redisengines.protocol import entry
 
-from ..helpers import delay_sender
+from ..helpers import delay_sender, interactive
 
 
 def test_fault_19_a_retried_submission_queues_nothing_twice(client, r, cluster_name) -> None:
@@ -45,15 +45,18 @@ def test_fault_40_full_inbox_raises_queue_full_and_loses_nothing(make_cluster, g
 
 
 def test_fault_40_a_callback_of_a_call_refused_as_full_can_ask_for_the_queue(
-        make_cluster, gates, monkeypatch) -> None:
+        make_cluster, gates, monkeypatch, server_url) -> None:
     """A .remote() call refused by a full inbox fails on the client's sender thread, where
     its done-callbacks run: one that asks queue_status() must get it, not wait for the
     sender (which is that very thread) until its timeout."""
     cluster = make_cluster(2, max_queue=2)
     client = cluster.client()
-    gate = gates()
+    gate, other = gates(), gates()
     held = gate.hold(client, 0)
     queued = client.execute("x = 1", targets=0, block=False)  # the inbox is full now
+    # A call still running elsewhere: the next one does not come alone, so the sender sends it.
+    waiting = redisengines.remote(wait_for).options(engine=1, client=client).remote(
+        server_url, other.open_key)
     delay_sender(client, monkeypatch, 0.2)  # the callback below is added before it fails
     seen: list[tuple[str, object]] = []
     answered = threading.Event()
@@ -74,9 +77,17 @@ def test_fault_40_a_callback_of_a_call_refused_as_full_can_ask_for_the_queue(
     assert thread.startswith("re-sender-")
     assert isinstance(status, dict) and (status["queued"], status["running"]) == (1, 1), status
     gate.open()
+    other.open()
     held.result(timeout=10)
     assert queued.result(timeout=10) is None
+    assert waiting.result(timeout=10) is None
 
 
 def _one() -> int:
     return 1
+
+
+@interactive
+def wait_for(url: str, key: str) -> None:
+    import redis
+    redis.Redis.from_url(url).blpop([key], 30)
