@@ -103,11 +103,11 @@ class Dispatcher:
     A call whose arguments are ready goes to the outbox; a sender thread sends what the
     outbox holds in one pipeline (``submit.lua`` per call, one round trip per batch), so a
     burst of ``.remote()`` calls costs the caller no round trip each. A call that comes
-    alone (no other call of this client unsettled, nothing to send or being sent) is sent
-    by its caller at once instead, in one round trip, as ``execute`` is: it then wakes no
-    other thread on its way out (the sender would wait for the GIL first), which saves a
-    single call about 0.05-0.1 ms here. Lanes stay in order: one send is under way at a time
-    (``_flight``), each in order.
+    alone (no other call of this client unsettled, nothing to send or being sent, and the
+    last send reached Redis) is sent by its caller at once instead, in one round trip, as
+    ``execute`` is: it then wakes no other thread on its way out (the sender would wait for
+    the GIL first), which saves a single call about 0.05-0.1 ms here. Lanes stay in order:
+    one send is under way at a time (``_flight``), each in order.
     """
 
     BATCH_MAX = 1000  # calls per pipeline
@@ -120,6 +120,9 @@ class Dispatcher:
         self._outbox: collections.deque[_Call] = collections.deque()
         self._wake = threading.Event()
         self._flight: threading.Event | None = None  # set once the send under way is done
+        # Whether the last send reached Redis: while it does not, callers leave their calls
+        # to the sender (one batch waits out the retries, not every call in turn).
+        self._reaching = True
         # Calls put in the outbox and calls whose sending ended (sent or failed), counted
         # so that flush() waits for what was in the outbox when it was called, and no more.
         self._queued = self._done = 0
@@ -186,7 +189,8 @@ class Dispatcher:
                 self._queued += 1
             if queue is not None and not queue:
                 del self._lanes[lane]
-            if caller and len(self._outbox) == 1 and not self._wake.is_set() \
+            if caller and self._reaching and len(self._outbox) == 1 \
+                    and not self._wake.is_set() \
                     and (self._flight is None or self._flight.is_set()) \
                     and self._alone(self._outbox[0]):
                 direct = self._outbox.popleft()
@@ -212,7 +216,7 @@ class Dispatcher:
         try:
             if before is not None:
                 before.wait()
-            self._send(batch)
+            self._reaching = self._send(batch)
         finally:
             flight.set()
             with self._lock:
@@ -260,8 +264,9 @@ class Dispatcher:
             if not self._sent_cond.wait_for(lambda: self._done >= target, timeout):
                 raise TimeoutError(f"calls made before were not sent within {timeout} s")
 
-    def _send(self, batch: list[_Call]) -> None:
-        """Send ``batch`` in one pipeline; what cannot be sent fails its future."""
+    def _send(self, batch: list[_Call]) -> bool:
+        """Send ``batch`` in one pipeline; what cannot be sent fails its future. Returns
+        whether the pipeline reached Redis."""
         client = self.client
         ids = [_cmd_id(call.pending) for call in batch]
         for call, cmd_id in zip(batch, ids, strict=True):
@@ -275,7 +280,7 @@ class Dispatcher:
                 self._drop(call.pending, exc)
             if not isinstance(exc, Exception) and threading.current_thread() is not self._sender:
                 raise  # (Ctrl-C in a caller sending its own call: its future failed too)
-            return
+            return False
         client._listener.acknowledged(ids)
         for call, cmd_id, entry_id in zip(batch, ids, entry_ids, strict=True):
             if entry_id is None:
@@ -285,6 +290,7 @@ class Dispatcher:
                     f"(REDISENGINES_MAX_QUEUE); {call.pending.op} was not queued"))
             else:
                 call.sent = (call.stream, entry_id)
+        return True
 
     def _settled(self, pending: PendingResult) -> None:
         with self._lock:

@@ -13,6 +13,8 @@ import redisengines
 from redisengines.connection import connect
 from redisengines.server import EmbeddedServer
 
+from .helpers import interactive
+
 
 def test_dead_redis_fails_calls_and_pending_futures() -> None:
     server = EmbeddedServer().start()
@@ -28,6 +30,42 @@ def test_dead_redis_fails_calls_and_pending_futures() -> None:
         assert isinstance(err.value, ConnectionError)
         with pytest.raises(redisengines.ConnectionLostError):
             pending.result(timeout=30)
+        assert time.monotonic() - t0 < 30
+    finally:
+        cluster.stop()
+        server.stop()
+
+
+@interactive
+def _one() -> int:
+    return 1
+
+
+def test_dead_redis_fails_remote_calls_alone_or_in_a_burst() -> None:
+    """A lone call is sent by its caller, a burst by the sender thread: with Redis gone,
+    both give futures that fail with ConnectionLostError (``.remote()`` itself raises
+    nothing). Only the first call waits out the client's retries: once a send failed,
+    calls go to the sender, whose one batch waits for all of them."""
+    server = EmbeddedServer().start()
+    cluster = redisengines.Cluster(1, url=server.url, settings=redisengines.Settings(
+        cluster="gone-remote", retries=4)).start()
+    try:
+        client = cluster.client()
+        f = redisengines.remote(_one).options(client=client)
+        assert f.remote().result(timeout=30) == 1
+        server.stop()
+        t0 = time.monotonic()
+        alone = f.remote()
+        once = time.monotonic() - t0  # (the caller sent it: it waited out the retries)
+        with pytest.raises(redisengines.ConnectionLostError):
+            alone.result(timeout=0)
+        t1 = time.monotonic()
+        burst = [f.remote() for _ in range(20)]
+        made = time.monotonic() - t1
+        assert made < once  # (not 20 more waits: the sender's one batch waits for them)
+        for future in burst:
+            with pytest.raises(redisengines.ConnectionLostError):
+                future.result(timeout=30)
         assert time.monotonic() - t0 < 30
     finally:
         cluster.stop()
