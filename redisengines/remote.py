@@ -453,7 +453,10 @@ class RemoteFunction(Generic[R]):
         return twin
 
     def remote(self, /, *args: Any, **kwargs: Any) -> PendingResult:
-        """Call the function on an engine; returns a future of its return value."""
+        """Call the function on an engine; returns a future of its return value.
+
+        A call made while this client has no other call unsettled is in Redis when this
+        returns (one round trip); calls in a burst are sent in batches by a thread."""
         from .api import default_client
         client = self._client or default_client()
         if self._pickled is None:
