@@ -205,8 +205,8 @@ class Dispatcher:
             self._send_flight([direct], flight, None)
 
     def _alone(self, call: _Call) -> bool:  # (under the lock)
-        """No other call of this client is unsettled: the others are done (their caller may
-        have seen a result before the listener's callbacks ran) and at most one of them."""
+        """No other call of this client is unsettled: at most one other is still known, and
+        it is done (its caller may see the result before the listener's callbacks ran)."""
         return len(self._calls) <= 2 and all(
             c is call or c.pending.done() for c in self._calls.values())
 

@@ -5,23 +5,35 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
 
 import redisengines
 from redisengines.connection import connect
+from redisengines.coordinator import Client
 from redisengines.server import EmbeddedServer
 
 from .helpers import interactive
 
 
-def test_dead_redis_fails_calls_and_pending_futures() -> None:
+@contextmanager
+def doomed_server(cluster: str, retries: int) -> Iterator[tuple[EmbeddedServer, Client]]:
+    """A server of its own (the test stops it) and a client of a 1-engine cluster on it."""
     server = EmbeddedServer().start()
-    cluster = redisengines.Cluster(1, url=server.url, settings=redisengines.Settings(
-        cluster="gone", retries=2)).start()
+    engines = redisengines.Cluster(1, url=server.url, settings=redisengines.Settings(
+        cluster=cluster, retries=retries)).start()
     try:
-        client = cluster.client()
+        yield server, engines.client()
+    finally:
+        engines.stop()
+        server.stop()
+
+
+def test_dead_redis_fails_calls_and_pending_futures() -> None:
+    with doomed_server("gone", retries=2) as (server, client):
         pending = client.execute("import time; time.sleep(60)", targets=0, block=False)
         server.stop()
         t0 = time.monotonic()
@@ -31,9 +43,6 @@ def test_dead_redis_fails_calls_and_pending_futures() -> None:
         with pytest.raises(redisengines.ConnectionLostError):
             pending.result(timeout=30)
         assert time.monotonic() - t0 < 30
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 @interactive
@@ -46,11 +55,7 @@ def test_dead_redis_fails_remote_calls_alone_or_in_a_burst() -> None:
     both give futures that fail with ConnectionLostError (``.remote()`` itself raises
     nothing). Only the first call waits out the client's retries: once a send failed,
     calls go to the sender, whose one batch waits for all of them."""
-    server = EmbeddedServer().start()
-    cluster = redisengines.Cluster(1, url=server.url, settings=redisengines.Settings(
-        cluster="gone-remote", retries=4)).start()
-    try:
-        client = cluster.client()
+    with doomed_server("gone-remote", retries=4) as (server, client):
         f = redisengines.remote(_one).options(client=client)
         assert f.remote().result(timeout=30) == 1
         server.stop()
@@ -67,9 +72,6 @@ def test_dead_redis_fails_remote_calls_alone_or_in_a_burst() -> None:
             with pytest.raises(redisengines.ConnectionLostError):
                 future.result(timeout=30)
         assert time.monotonic() - t0 < 30
-    finally:
-        cluster.stop()
-        server.stop()
 
 
 def test_connect_to_nothing_is_a_clear_error() -> None:
